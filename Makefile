@@ -1,0 +1,41 @@
+# `make run` serves the demo model, `make test` runs the tests, `make bench` benchmarks the
+# pipeline (BENCH_ARGS=--quick for a smoke run).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The CPU build of torch that this project is tested with; set TORCH_SPEC=torch for CUDA hosts.
+TORCH_SPEC ?= torch==2.13.0
+MODELS_DIR ?= var/models
+
+.PHONY: install demo-model run test bench load clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo-model: $(MODELS_DIR)/BUILD_INFO.json
+
+# Rebuilt when the builder or its corpus changes; the builder writes BUILD_INFO.json last.
+$(MODELS_DIR)/BUILD_INFO.json: $(VENV)/.installed model_store/demo/build.py $(wildcard model_store/demo/corpus/*)
+	HF_HUB_OFFLINE=1 $(PY) -m model_store.demo --out $(MODELS_DIR) --force
+
+run: demo-model
+	$(VENV)/bin/dawet run
+
+test: demo-model
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: demo-model
+	HF_HUB_OFFLINE=1 $(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache
+
+# Offer ten times a worker's capacity for 30 s; prints admitted, rejected, completed and lost.
+load: demo-model
+	HF_HUB_OFFLINE=1 $(PY) -m bench.load $(LOAD_ARGS)

@@ -1,0 +1,124 @@
+"""Who may submit a job, and when: model scopes of API keys, per-key rate limits, the per-model
+queue limit, and Idempotency-Key replays. Counters live in Redis, shared by every API process.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+
+import redis
+from celery import Celery
+from flask import g, request
+from kombu.exceptions import ChannelError
+
+from api.errors import APIError
+from dawet.settings import Settings
+from model_store.registry import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+RATE_WINDOW_SECONDS = 60
+QUEUE_FULL_RETRY_AFTER_SECONDS = 5
+
+# Fixed one-minute windows: refuse (1: requests, 2: tokens) or count the request and its tokens.
+_RATE = """
+local requests = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
+local rpm, tpm, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if rpm > 0 and requests + 1 > rpm then return 1 end
+if tpm > 0 and tokens + cost > tpm then return 2 end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('INCRBY', KEYS[2], cost)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 0
+"""
+
+
+def client_identity() -> str:
+    """Who a request counts against: its API key's digest, else the client's address."""
+    return g.get("api_key_digest") or f"addr:{request.remote_addr}"
+
+
+def too_many(message: str, code: str, retry_after: float) -> APIError:
+    """A 429 with a Retry-After header in whole seconds."""
+    return APIError(429, message, code, "rate_limit_error",
+                    headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+class Admission:
+    """The checks a submission passes before its job is queued."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, celery: Celery):
+        self.settings, self._redis, self._celery = settings, client, celery
+        self._scopes = settings.api_key_scopes()
+        self._rate = client.register_script(_RATE)
+
+    def check_model_access(self, spec: ModelSpec) -> None:
+        """A 403 when the request's API key is scoped to other models."""
+        allowed = self._scopes.get(g.get("api_key_digest"))
+        if allowed is not None and spec.name not in allowed:
+            raise APIError(403, f"this API key may not use model {spec.name!r}",
+                           "model_not_allowed", "permission_error", param="model")
+
+    def check_rate(self, tokens: int) -> None:
+        """Count the request and its tokens against the client's per-minute limits, or 429."""
+        rpm = self.settings.rate_limit_requests_per_minute
+        tpm = self.settings.rate_limit_tokens_per_minute
+        if not (rpm or tpm):
+            return
+        now = time.time()
+        window = f"dawet:rate:{client_identity()}:{int(now // RATE_WINDOW_SECONDS)}"
+        refused = self._rate(keys=[window + ":requests", window + ":tokens"],
+                             args=[rpm, tpm, tokens, RATE_WINDOW_SECONDS * 2])
+        if refused:
+            what = f"{rpm} requests" if refused == 1 else f"{tpm} tokens (prompt + max tokens)"
+            raise too_many(f"rate limit of {what} per minute exceeded", "rate_limit_exceeded",
+                           RATE_WINDOW_SECONDS - now % RATE_WINDOW_SECONDS)
+
+    def check_queue(self, spec: ModelSpec) -> None:
+        """A 429 when the model's queue already holds DAWET_MAX_QUEUED_JOBS waiting jobs."""
+        limit = self.settings.max_queued_jobs
+        if limit and self.waiting_jobs(spec.queue) >= limit:
+            raise too_many(f"model {spec.name} has {limit} jobs waiting; retry later",
+                           "queue_full", QUEUE_FULL_RETRY_AFTER_SECONDS)
+
+    def waiting_jobs(self, queue: str) -> int:
+        """Messages waiting in a broker queue (not those a worker holds)."""
+        with self._celery.pool.acquire(block=True, timeout=5) as connection:
+            try:
+                return connection.default_channel.queue_declare(
+                    queue=queue, passive=True).message_count
+            except ChannelError:  # no such queue yet (an empty Redis list does not exist)
+                return 0
+
+    def claim_idempotency_key(self, job_id: str) -> str | None:
+        """Bind the request's Idempotency-Key to `job_id`; the job id it already names, if any."""
+        key = self._idempotency_key()
+        if key is None:
+            return None
+        if self._redis.set(key, job_id, nx=True, ex=self.settings.job_ttl_seconds):
+            return None
+        existing = self._redis.get(key)
+        return existing.decode() if isinstance(existing, bytes) else existing
+
+    def release_idempotency_key(self) -> None:
+        """Forget the key of a submission that was refused, so its retry is admitted afresh."""
+        key = self._idempotency_key()
+        if key is not None:
+            self._redis.delete(key)
+
+    def _idempotency_key(self) -> str | None:
+        raw = request.headers.get(IDEMPOTENCY_HEADER)
+        if raw is None:
+            return None
+        if not 0 < len(raw) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+            raise APIError(400, f"{IDEMPOTENCY_HEADER} must be 1 to "
+                           f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters", "invalid_request_error",
+                           param=IDEMPOTENCY_HEADER)
+        digest = hashlib.sha256(raw.encode()).hexdigest()
+        return f"dawet:idempotency:{client_identity()}:{digest}"

@@ -1,0 +1,106 @@
+"""The OpenAPI document: request bodies from the pydantic schemas, paths assembled by hand."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from flask import Blueprint
+from pydantic.json_schema import models_json_schema
+
+from api.admission import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
+from api.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+
+bp = Blueprint("docs", __name__)
+
+REF = "#/components/schemas/{model}"
+OBJECT = {"type": "object"}
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "code": {"type": "string"}, "param": {"type": ["string", "null"]}}}}}
+# What each refusal means, by status, for every route that may answer it.
+ERRORS = {"400": "invalid request", "401": "missing or invalid API key",
+          "403": "the API key may not use this model", "404": "unknown model, job or route",
+          "409": "an Idempotency-Key still being admitted", "413": "request body too large",
+          "422": "the chat template refuses the messages",
+          "429": "rate limit or queue limit; see Retry-After",
+          "503": "Redis, the broker or the model's workers are unavailable"}
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """Serve the API's OpenAPI 3.1 document."""
+    return openapi_document()
+
+
+@lru_cache(maxsize=1)
+def openapi_document() -> dict[str, Any]:
+    """Build the document once: components from the request models, then the paths."""
+    _, top = models_json_schema(
+        [(m, "validation") for m in (GenerateRequest, ChatCompletionRequest, CompletionRequest)],
+        ref_template=REF)
+    schemas = {**top["$defs"], "Error": ERROR}
+    return {"openapi": "3.1.0", "info": {"title": "Dawet", "version": "0.1.0"},
+            "paths": _paths(), "components": {"schemas": schemas, "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}, {}]}
+
+
+def _paths() -> dict[str, Any]:
+    job_id = _path_param("job_id")
+    return {
+        "/v1/generate": {"post": _submit("GenerateRequest", "202", "the queued job")},
+        "/v1/chat/completions": {"post": _submit("ChatCompletionRequest", "200",
+                                                 "a chat completion, or an SSE stream")},
+        "/v1/completions": {"post": _submit("CompletionRequest", "200",
+                                            "a text completion, or an SSE stream")},
+        "/v1/jobs/{job_id}": {"parameters": [job_id],
+                              "get": _operation("200", "the job's state and text", "404"),
+                              "delete": _operation("202", "cancellation requested", "404")},
+        "/v1/models": {"get": _operation("200", "the served models")},
+        "/v1/models/{model_id}": {"parameters": [_path_param("model_id")],
+                                  "get": _operation("200", "one model", "404")},
+        "/v1/chat/models": {"get": _operation("200", "models for the chat page")},
+        "/v1/conversations/{conversation_id}": {
+            "parameters": [_path_param("conversation_id")],
+            "get": _operation("200", "the conversation and its turns", "404"),
+            "delete": _operation("200", "deleted; its running reply cancelled", "404")},
+        "/": {"get": {"responses": {"200": {"description": "the chat page", "content": {
+            "text/html": {"schema": {"type": "string"}}}}}, "security": []}},
+        "/metrics": {"get": {"responses": {"200": {"description": "Prometheus metrics", "content": {
+            "text/plain": {"schema": {"type": "string"}}}}}, "security": []}},
+        "/healthz": {"get": _operation("200", "the process is alive", security=[])},
+        "/readyz": {"get": _operation("200", "ready to serve", "503", security=[])},
+    }
+
+
+def _submit(schema: str, status: str, what: str) -> dict[str, Any]:
+    """A POST that validates a JSON body and admits a job."""
+    operation = _operation(status, what, *ERRORS)
+    operation["requestBody"] = {"required": True, "content": {
+        "application/json": {"schema": {"$ref": REF.format(model=schema)}}}}
+    operation["parameters"] = [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+                                "schema": {"type": "string", "minLength": 1,
+                                           "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH}}]
+    return operation
+
+
+def _operation(status: str, what: str, *errors: str, security: list | None = None):
+    """An operation answering `status` with a JSON object, or the error envelope."""
+    responses = {status: _json(what, OBJECT)}
+    responses |= {code: _json(ERRORS[code], {"$ref": REF.format(model="Error")})
+                  for code in ("401", *errors)}
+    operation = {"responses": responses}
+    if security is not None:
+        operation["security"] = security
+    return operation
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A response with a JSON body of this schema."""
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    """A required string path parameter."""
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}

@@ -1,0 +1,81 @@
+"""The job API: submit a generation, read or cancel it, stream its events over a WebSocket."""
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Blueprint, request, url_for
+from simple_websocket import ConnectionClosed
+
+from api.auth import require_api_key
+from api.errors import APIError
+from api.extensions import sock
+from api.metrics import OPEN_STREAMS, count_admission
+from api.schemas import GenerateRequest
+from api.services import services
+from tasks.contract import JobView
+
+logger = logging.getLogger(__name__)
+bp = Blueprint("jobs", __name__, url_prefix="/v1")
+bp.before_request(require_api_key)
+
+
+@bp.post("/generate")
+@count_admission
+def create_generation():
+    """Validate a generation request and queue it as a job."""
+    job = services().submit_generation(GenerateRequest.model_validate_json(request.get_data()))
+    status_url = url_for("jobs.get_job", job_id=job.id, _external=True)
+    stream_url = url_for("jobs.stream_job", job_id=job.id, _external=True)
+    return {"id": job.id, "model": job.model, "status": "queued", "status_url": status_url,
+            "stream_url": stream_url.replace("http", "ws", 1)}, 202
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    """Return a job's state and its text so far (or final text), usage and timings."""
+    view = JobView(existing_job_id(job_id))
+    for event in services().store.read(job_id):
+        view.apply(event)
+    return view.to_dict()
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str):
+    """Ask the job's worker to stop it; it ends with finish_reason `cancelled`."""
+    services().store.cancel(existing_job_id(job_id))
+    return {"id": job_id, "cancel_requested": True}, 202
+
+
+@sock.route("/jobs/<job_id>/stream", bp=bp)
+def stream_job(ws, job_id: str):
+    """Send the job's events after `?after=<seq>` as JSON frames; close after done or error."""
+    try:
+        after = _after_param()
+        existing_job_id(job_id)
+        with OPEN_STREAMS.labels("websocket").track_inprogress():
+            relay_events(ws, job_id, after)
+    except APIError as exc:
+        ws.send(json.dumps({"type": "error", **exc.body.envelope()}))
+    except ConnectionClosed:
+        logger.debug("client left the stream of job %s", job_id)
+
+
+def relay_events(ws, job_id: str, after: int) -> None:
+    for event in services().events(job_id, after):
+        ws.send(json.dumps(event))
+
+
+def _after_param() -> int:
+    raw = request.args.get("after", "0")
+    if not raw.isdigit():
+        raise APIError(400, "after must be a non-negative integer sequence number",
+                       "invalid_request_error", param="after")
+    return int(raw)
+
+
+def existing_job_id(job_id: str) -> str:
+    if not services().store.exists(job_id):
+        raise APIError(404, f"job {job_id!r} does not exist or has expired", "job_not_found",
+                       param="job_id")
+    return job_id

@@ -1,0 +1,203 @@
+"""The OpenAI-compatible API: chat and text completions (JSON or SSE) and the model list.
+
+Every completion runs as a job through Services.submit_generation, like POST /v1/generate;
+its id travels in the X-Dawet-Job-Id header.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from api.auth import require_api_key
+from api.errors import APIError
+from api.metrics import count_admission, counted_stream
+from api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from api.services import Services, services
+from model_store.registry import ModelSpec
+from tasks.contract import ErrorBody, Job, JobView
+
+logger = logging.getLogger(__name__)
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+bp.before_request(require_api_key)
+
+JOB_HEADER = "X-Dawet-Job-Id"
+# Our finish reasons in OpenAI's vocabulary; a cancelled job ends as "stop" (what it produced
+# is complete as far as it goes); GET /v1/jobs/<id> tells the two apart.
+FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length",
+                  "cancelled": "stop"}
+STATUS_BY_TYPE = {"invalid_request_error": 400, "server_error": 500}
+STATUS_BY_CODE = {"stream_timeout": 504, "deadline_exceeded": 504, "service_unavailable": 503}
+
+
+class ChatShape:
+    """Chat completion objects: a message per choice, deltas when streamed."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    @staticmethod
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        message = {"role": "assistant", "content": text}
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+
+    @staticmethod
+    def delta(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    @classmethod
+    def opening(cls) -> list[dict[str, Any]]:
+        return [cls.delta({"role": "assistant", "content": ""}, None)]
+
+    @classmethod
+    def piece(cls, text: str) -> dict[str, Any]:
+        return cls.delta({"content": text}, None)
+
+    @classmethod
+    def closing(cls, finish: str) -> dict[str, Any]:
+        return cls.delta({}, finish)
+
+
+class TextShape:
+    """Text completion objects: the same choice shape whole or streamed."""
+
+    object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
+
+    @staticmethod
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    @staticmethod
+    def opening() -> list[dict[str, Any]]:
+        return []
+
+    @classmethod
+    def piece(cls, text: str) -> dict[str, Any]:
+        return cls.choice(text, None)
+
+    @classmethod
+    def closing(cls, finish: str) -> dict[str, Any]:
+        return cls.choice("", finish)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One job's completion in OpenAI's shapes, whole or as stream chunks."""
+
+    shape: type[ChatShape] | type[TextShape]
+    job: Job
+    include_usage: bool = False
+
+    def whole(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
+        choice = self.shape.choice(text, FINISH_REASONS[done["finish_reason"]])
+        return self._object(self.shape.object, [choice], usage=done["usage"])
+
+    def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        extra = {"usage": None} if self.include_usage else {}
+        return self._object(self.shape.chunk_object, [choice], **extra)
+
+    def usage_chunk(self, done: dict[str, Any]) -> dict[str, Any]:
+        return self._object(self.shape.chunk_object, [], usage=done["usage"])
+
+    def _object(self, kind: str, choices: list, **extra: Any) -> dict[str, Any]:
+        return {"id": self.shape.id_prefix + self.job.id, "object": kind,
+                "created": int(self.job.created_at), "model": self.job.model,
+                "choices": choices, **extra}
+
+
+@bp.post("/chat/completions")
+@count_admission
+def create_chat_completion():
+    """Run a chat completion as a job; stream it as SSE when asked."""
+    return _complete(ChatCompletionRequest.model_validate_json(request.get_data()), ChatShape)
+
+
+@bp.post("/completions")
+@count_admission
+def create_completion():
+    """Run a text completion (no chat template) as a job; stream it as SSE when asked."""
+    return _complete(CompletionRequest.model_validate_json(request.get_data()), TextShape)
+
+
+@bp.get("/models")
+def list_models():
+    """List the registry's models, each with whether a live worker serves it."""
+    svc = services()
+    return {"object": "list", "data": [_model_card(svc, spec)
+                                       for spec in svc.registry.models.values()]}
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str):
+    """Describe one registry model."""
+    svc = services()
+    return _model_card(svc, svc.model(model_id))
+
+
+def _model_card(svc: Services, spec: ModelSpec) -> dict[str, Any]:
+    """OpenAI's model object, plus whether a live worker serves it and its context length."""
+    return {"id": spec.name, "object": "model", "created": svc.started_at, "owned_by": "dawet",
+            "ready": bool(svc.workers.live(spec.name)), "context_length": spec.context_length}
+
+
+def _complete(body: OpenAIRequest, shape: type[ChatShape] | type[TextShape]):
+    """Submit the job; answer with its whole completion, or stream it."""
+    svc = services()
+    job = svc.submit_generation(body, require_worker=True)
+    reply = Reply(shape, job, body.include_usage)
+    if body.stream:
+        headers = {JOB_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        frames = counted_stream(_sse(svc, reply), "sse")
+        return Response(frames, mimetype="text/event-stream", headers=headers)
+    return reply.whole(*_wait(svc, job)), {JOB_HEADER: job.id}
+
+
+def _wait(svc: Services, job: Job) -> tuple[str, dict[str, Any]]:
+    """Block until the job ends; its text and done event, or its error as an APIError."""
+    view = JobView(job.id)  # the one fold of events: a restarted job's text starts again
+    for event in svc.events(job.id):
+        view.apply(event)
+        if event["type"] == "done":
+            return view.text, event
+        if event["type"] == "error":
+            svc.store.cancel(job.id)  # a timed-out job has no reader left
+            raise _job_error(ErrorBody(**event["error"]))
+    raise AssertionError("follow() ended without a terminal event")
+
+
+def _job_error(body: ErrorBody) -> APIError:
+    """A job's error event as an HTTP error with a fitting status."""
+    status = STATUS_BY_CODE.get(body.code) or STATUS_BY_TYPE.get(body.type, 500)
+    return APIError(status, body.message, body.code, body.type, body.param)
+
+
+def _sse(svc: Services, reply: Reply) -> Iterator[str]:
+    """Relay the job as SSE frames; a client that leaves first cancels the job (if configured)."""
+    ended = False  # Services.events turns a lost Redis into an error event, so this loop ends
+    try:
+        for chunk in _chunks(svc, reply):
+            yield f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
+        ended = True
+    finally:
+        if not ended and svc.settings.cancel_on_disconnect:
+            logger.info("client left the stream of job %s; cancelling it", reply.job.id)
+            svc.store.cancel(reply.job.id)
+
+
+def _chunks(svc: Services, reply: Reply) -> Iterator[dict[str, Any] | str]:
+    """The stream's payloads: opening, text pieces, closing, usage; an error ends it early."""
+    yield from map(reply.chunk, reply.shape.opening())
+    for event in svc.events(reply.job.id):
+        if event["type"] == "token":
+            yield reply.chunk(reply.shape.piece(event["text"]))
+        elif event["type"] == "error":
+            yield {"error": event["error"]}
+            return
+        elif event["type"] == "done":
+            yield reply.chunk(reply.shape.closing(FINISH_REASONS[event["finish_reason"]]))
+            if reply.include_usage:
+                yield reply.usage_chunk(event)
+    yield "[DONE]"

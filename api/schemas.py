@@ -1,0 +1,327 @@
+"""Request schemas: strict pydantic models, and their translation into engine parameters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      StringConstraints, TypeAdapter, ValidationError, model_validator)
+from pydantic_core import PydanticCustomError
+
+from api.errors import APIError, from_validation_error, invalid
+from model_store.registry import ModelSpec
+from model_store.tokenizer import Message
+from tasks.contract import SamplingParams
+
+MAX_STOP_SEQUENCES = 4
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+# `stop` takes one string or a list; a lone string becomes a list of one.
+StopList = Annotated[list[StopString], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """What a request generates from: raw text, or chat messages for the chat template."""
+
+    param: str  # the request field it came from, named in errors
+    text: str | None = None
+    messages: tuple[Message, ...] = ()
+    system_prompt: str | None = None  # None: the model's default system prompt
+
+
+class GenerationRequest(Protocol):
+    """What Services.submit_generation needs from a request."""
+
+    model: str | None
+
+    def sampling_params(self, spec: ModelSpec) -> SamplingParams: ...
+
+    def prompt_input(self) -> PromptInput: ...
+
+
+class StrictModel(BaseModel):
+    """Unknown fields and loose types (a string for a number) are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingFields(StrictModel):
+    """Generation parameters a request may set; unset ones come from the model's defaults."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    min_new_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    stop: StopList | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    def sampling_params(self, spec: ModelSpec, max_param: str = "max_new_tokens") -> SamplingParams:
+        """Merge with the model's defaults and check against its limits."""
+        defaults = spec.defaults
+        max_new = self.max_new_tokens or defaults.max_new_tokens
+        if max_new > spec.max_new_tokens_limit:
+            raise invalid(f"{max_param} must be at most {spec.max_new_tokens_limit} for "
+                          f"model {spec.name}", param=max_param)
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return SamplingParams(
+            max_new_tokens=max_new,
+            min_new_tokens=min(pick(self.min_new_tokens, defaults.min_new_tokens), max_new),
+            temperature=pick(self.temperature, defaults.temperature),
+            top_p=pick(self.top_p, defaults.top_p),
+            top_k=pick(self.top_k, defaults.top_k),
+            repetition_penalty=pick(self.repetition_penalty, defaults.repetition_penalty),
+            stop=tuple(self.stop or ()), seed=self.seed,
+        )
+
+
+class GenerateRequest(SamplingFields):
+    """POST /v1/generate: a chat (`messages`) or a raw `prompt`, for one model."""
+
+    model: str | None = None
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    system_prompt: str | None = None  # replaces the model's default system prompt
+    # Seconds the job may wait for a worker; not started by then, it expires.
+    deadline_seconds: float | None = Field(None, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.system_prompt is not None and self.messages is None:
+            raise ValueError("`system_prompt` applies to `messages` only")
+        return self
+
+    def prompt_input(self) -> PromptInput:
+        """The raw prompt, or the messages for the chat template."""
+        if self.prompt is not None:
+            return PromptInput("prompt", text=self.prompt)
+        return PromptInput("messages", messages=tuple(Message(m.role, m.content)
+                                                      for m in self.messages or ()),
+                           system_prompt=self.system_prompt)
+
+
+# --- OpenAI-compatible requests (/v1/chat/completions, /v1/completions) ---
+
+def _unsupported(value: Any) -> Any:
+    if value is not None and value is not False:
+        raise PydanticCustomError("unsupported_parameter",
+                                  "this OpenAI option is not supported by Dawet; leave it out")
+    return value
+
+
+def _only_one(value: int) -> int:
+    if value != 1:
+        raise PydanticCustomError("unsupported_value",
+                                  "only 1 is supported: Dawet returns one choice per request")
+    return value
+
+
+def _zero_only(value: float) -> float:
+    if value != 0:
+        raise PydanticCustomError(
+            "unsupported_value", "only 0 is supported: Dawet's sampler has no additive penalties; "
+            "use repetition_penalty (a Dawet extension, multiplicative) instead")
+    return value
+
+
+def _text_parts(value: Any) -> Any:
+    """Message content: a string, or a non-empty list of text parts joined by newlines."""
+    if not isinstance(value, list):
+        return value  # the strict str check follows
+    if not value or not all(isinstance(p, dict) and set(p) == {"type", "text"}
+                            and p["type"] == "text" and isinstance(p["text"], str) for p in value):
+        raise PydanticCustomError("unsupported_value", 'content must be a string or a non-empty '
+                                  'list of {"type": "text", "text": "..."} parts; '
+                                  "Dawet models read text only")
+    return "\n".join(part["text"] for part in value)
+
+
+def _one_prompt(value: Any) -> Any:
+    """A completion prompt: a string, or a list holding exactly one string."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        return value[0]
+    if isinstance(value, list):
+        raise PydanticCustomError("unsupported_value", "prompt must be one string (or a list of "
+                                  "exactly one string); token-id and batched prompts are not "
+                                  "supported")
+    return value
+
+
+Unsupported = Annotated[Any, AfterValidator(_unsupported)]
+OneChoice = Annotated[int, AfterValidator(_only_one)]
+ZeroPenalty = Annotated[float, Field(ge=-2.0, le=2.0), AfterValidator(_zero_only)]
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class OpenAIMessage(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, BeforeValidator(_text_parts)]
+
+
+class OpenAIRequest(StrictModel):
+    """Fields shared by chat and text completions; unset sampling fields take model defaults."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: StopList | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: OneChoice | None = None  # null is accepted wherever OpenAI accepts it
+    presence_penalty: ZeroPenalty | None = None
+    frequency_penalty: ZeroPenalty | None = None
+    user: str | None = None  # accepted, not used
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # Dawet extensions, named as vLLM names them (the openai client sends them via extra_body).
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    min_tokens: int | None = Field(None, ge=0)
+    # OpenAI options Dawet does not implement: an error when set, never silently ignored.
+    logprobs: Unsupported = None
+    top_logprobs: Unsupported = None
+    logit_bias: Unsupported = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, spec: ModelSpec) -> SamplingParams:
+        """Merge with the model's defaults and check against its limits."""
+        fields = SamplingFields.model_construct(
+            max_new_tokens=self._max_tokens(), min_new_tokens=self.min_tokens,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty, stop=self.stop, seed=self.seed)
+        return fields.sampling_params(spec, max_param=self._max_tokens_param())
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _max_tokens_param(self) -> str:
+        return "max_tokens"
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    parallel_tool_calls: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    response_format: Unsupported = None
+    audio: Unsupported = None
+    modalities: Unsupported = None
+    prediction: Unsupported = None
+
+    @model_validator(mode="after")
+    def _one_token_limit(self):
+        if None not in (self.max_tokens, self.max_completion_tokens) \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; give one of them")
+        return self
+
+    def prompt_input(self) -> PromptInput:
+        """The messages, for the model's chat template and default system prompt."""
+        return PromptInput("messages",
+                           messages=tuple(Message(m.role, m.content) for m in self.messages))
+
+    def _max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def _max_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+
+
+class CompletionRequest(OpenAIRequest):
+    """POST /v1/completions."""
+
+    prompt: Annotated[str, BeforeValidator(_one_prompt)] = Field(min_length=1)
+    echo: Unsupported = None
+    suffix: Unsupported = None
+    best_of: OneChoice | None = None
+
+    def prompt_input(self) -> PromptInput:
+        """The raw prompt, with no chat template."""
+        return PromptInput("prompt", text=self.prompt)
+
+
+# The chat socket (WS /v1/chat): one JSON object per text frame, told apart by `type`.
+MAX_CHAT_FRAME_BYTES = 32 * 1024
+MAX_CHAT_CONTENT_CHARS = 16_000
+ResourceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class ChatSend(SamplingFields):
+    """Add a user message to a conversation (a new one without `conversation_id`) and reply."""
+
+    type: Literal["message"]
+    conversation_id: ResourceId | None = None
+    model: str | None = None  # None: the conversation's model, else the registry default
+    content: str = Field(min_length=1, max_length=MAX_CHAT_CONTENT_CHARS)
+    system_prompt: str | None = Field(None, max_length=MAX_CHAT_CONTENT_CHARS)
+
+
+class ChatRegenerate(SamplingFields):
+    """Drop the last reply of a conversation and answer its last user message again."""
+
+    type: Literal["regenerate"]
+    conversation_id: ResourceId
+
+
+class ChatResume(StrictModel):
+    """Relay a reply's events after sequence number `after`, e.g. after a dropped connection."""
+
+    type: Literal["resume"]
+    job_id: ResourceId
+    after: int = Field(0, ge=0)
+    conversation_id: ResourceId | None = None  # to save the reply when it ends
+
+
+class ChatCancel(StrictModel):
+    """Stop the reply this connection is relaying."""
+
+    type: Literal["cancel"]
+
+
+ChatFrame = ChatSend | ChatRegenerate | ChatResume | ChatCancel
+_CHAT_FRAME = TypeAdapter(Annotated[ChatFrame, Field(discriminator="type")])
+CHAT_FRAME_TYPES = ("message", "regenerate", "resume", "cancel")
+
+
+def parse_chat_frame(raw: str | bytes) -> ChatFrame:
+    """Validate one client frame of the chat socket; raise APIError with the envelope's fields."""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > MAX_CHAT_FRAME_BYTES:
+        raise APIError(413, f"a chat frame may hold at most {MAX_CHAT_FRAME_BYTES} bytes; "
+                            f"this one has {size}", "message_too_large")
+    try:
+        return _CHAT_FRAME.validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            raise invalid(f"type must be one of {', '.join(CHAT_FRAME_TYPES)}", param="type",
+                          code="unknown_message_type") from exc
+        if not first["loc"]:
+            raise from_validation_error(exc) from exc
+        param = ".".join(str(part) for part in first["loc"][1:])  # drop the `type` tag
+        raise invalid(f"{param}: {first['msg']}", param=param) from exc

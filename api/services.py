@@ -1,0 +1,168 @@
+"""The API's connections and the job submission path, one instance per app."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from celery import Celery
+from flask import current_app
+
+from api.admission import Admission
+from api.conversations import ConversationStore
+from api.errors import APIError, invalid
+from api.metrics import note_admitted
+from api.schemas import GenerationRequest, PromptInput
+from dawet.settings import Settings
+from model_store.registry import ModelSpec, Registry, load_registry
+from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
+from tasks.celery_app import create_celery, send_job
+from tasks.contract import ErrorBody, ErrorEvent, Job, JobState, SamplingParams, StatusEvent
+from tasks.joblog import JobStore, Notifier, StreamIdle, follow
+from tasks.workers import WorkerRegistry
+
+STREAM_IDLE = ErrorBody("no event from the worker within the stream idle timeout",
+                        "server_error", "stream_timeout")
+LOG_LOST = ErrorBody("lost the job's event log (Redis is unreachable); see GET /v1/jobs/<id> "
+                     "once it is back", "server_error", "service_unavailable")
+logger = logging.getLogger(__name__)
+
+
+class Services:
+    """Registry, Redis job store, notifier, worker records and the Celery producer."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry: Registry = load_registry(settings.models_file, settings.default_model)
+        self.redis = redis.Redis.from_url(settings.redis_url_or_fallback(),
+                                          socket_timeout=5, socket_connect_timeout=2)
+        self.store = JobStore(self.redis, settings.job_ttl_seconds)
+        self.notifier = Notifier(redis.Redis.from_url(settings.redis_url_or_fallback()))
+        self.workers = WorkerRegistry(self.redis, settings.heartbeat_seconds)
+        self.conversations = ConversationStore(self.redis, settings.conversation_ttl_seconds)
+        self.celery: Celery = create_celery(settings)
+        self.admission = Admission(settings, self.redis, self.celery)
+        self._tokenizers: dict[str, ChatTokenizer] = {}
+        self._lock = threading.Lock()
+        self.api_key_scopes = settings.api_key_scopes()
+        self.started_at = int(time.time())
+
+    def model(self, name: str | None) -> ModelSpec:
+        """The named registry model, or a 404 in the envelope."""
+        spec = self.registry.get(name)
+        if spec is None:
+            raise APIError(404, f"model {name!r} does not exist; see the registry",
+                           "model_not_found", param="model")
+        return spec
+
+    def tokenizer(self, spec: ModelSpec) -> ChatTokenizer:
+        """The model's tokenizer, loaded on first use."""
+        with self._lock:
+            if spec.name not in self._tokenizers:
+                self._tokenizers[spec.name] = ChatTokenizer(spec.path)
+            return self._tokenizers[spec.name]
+
+    def submit_generation(self, request: GenerationRequest, require_worker: bool = False) -> Job:
+        """Validate against the model, admit, then record and queue the job.
+
+        With `require_worker`, answer 503 rather than queue for a model no live worker serves.
+        A repeated Idempotency-Key returns the job it first created.
+        """
+        job_id = uuid.uuid4().hex
+        existing = self.admission.claim_idempotency_key(job_id)
+        if existing is not None:
+            return self._replayed(existing)
+        try:
+            return self._admit(request, require_worker, job_id)
+        except BaseException:
+            self.admission.release_idempotency_key()
+            raise
+
+    def _admit(self, request: GenerationRequest, require_worker: bool, job_id: str) -> Job:
+        """Check the request against the model and the limits, then queue it as `job_id`."""
+        spec = self.model(request.model)
+        self.admission.check_model_access(spec)
+        params = request.sampling_params(spec)
+        prompt = request.prompt_input()
+        prompt_ids = self._prompt_ids(spec, prompt)
+        check_context(spec, len(prompt_ids), params, prompt.param)
+        if require_worker and not self.workers.live(spec.name):
+            raise APIError(503, f"no worker serves model {spec.name} right now; retry shortly",
+                           "model_unavailable", "service_unavailable", param="model")
+        if self.settings.log_prompts:
+            logger.info("job %s prompt: %r", job_id, prompt)
+        return self.admit(spec, prompt_ids, params, getattr(request, "deadline_seconds", None),
+                          id=job_id)
+
+    def admit(self, spec: ModelSpec, prompt_ids: list[int], params: SamplingParams,
+              deadline_seconds: float | None = None, **fields: Any) -> Job:
+        """Apply the rate and queue limits, then queue the job with its start deadline."""
+        self.admission.check_rate(len(prompt_ids) + params.max_new_tokens)
+        self.admission.check_queue(spec)
+        seconds = deadline_seconds or self.settings.default_deadline_seconds
+        return self.enqueue(spec, prompt_ids, params,
+                            deadline_at=time.time() + seconds if seconds else None, **fields)
+
+    def _replayed(self, job_id: str) -> Job:
+        """The job an earlier request with the same Idempotency-Key created."""
+        job = self.store.load(job_id)
+        if job is None:
+            raise APIError(409, "a request with this Idempotency-Key is still being admitted; "
+                           "retry shortly", "idempotency_key_in_use")
+        return job
+
+    def enqueue(self, spec: ModelSpec, prompt_ids: list[int], params: SamplingParams,
+                **fields: Any) -> Job:
+        """Record the job with a `queued` event, then send it to the model's queue."""
+        job = Job(model=spec.name, prompt_token_ids=prompt_ids, params=params, **fields)
+        self.store.create(job)
+        self.store.append(job.id, StatusEvent(JobState.QUEUED))
+        send_job(self.celery, job, spec.queue)
+        note_admitted(spec.name)
+        return job
+
+    def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
+        """A job's events after `after` until done or error; going idle ends with an error."""
+        try:
+            yield from follow(self.store, self.notifier, job_id, after,
+                              self.settings.stream_idle_timeout_seconds)
+        except StreamIdle:
+            yield ErrorEvent(STREAM_IDLE).to_dict()
+        except redis.RedisError:
+            logger.warning("lost Redis while following job %s", job_id)
+            yield ErrorEvent(LOG_LOST).to_dict()
+
+    def chat_prompt_ids(self, spec: ModelSpec, messages: list[Message],
+                        system_prompt: str | None = None, param: str = "messages") -> list[int]:
+        """Render messages with the model's chat template and system prompt, then encode them."""
+        tokenizer = self.tokenizer(spec)
+        try:
+            return tokenizer.encode(tokenizer.render(messages, system_prompt or spec.system_prompt))
+        except ChatTemplateError as exc:
+            raise APIError(422, f"the chat template of model {spec.name} refuses these "
+                           f"messages: {exc}", "chat_template_error", param=param) from exc
+
+    def _prompt_ids(self, spec: ModelSpec, prompt: PromptInput) -> list[int]:
+        if prompt.text is None:
+            return self.chat_prompt_ids(spec, list(prompt.messages), prompt.system_prompt,
+                                        prompt.param)
+        tokenizer = self.tokenizer(spec)
+        return tokenizer.encode((tokenizer.bos_token or "") + prompt.text)
+
+def check_context(spec: ModelSpec, prompt_tokens: int, params: SamplingParams,
+                   param: str) -> None:
+    """Prompt plus max_new_tokens must fit the model's context window."""
+    if prompt_tokens + params.max_new_tokens > spec.context_length:
+        raise invalid(
+            f"the prompt has {prompt_tokens} tokens and up to {params.max_new_tokens} new tokens "
+            f"were asked for, more than model {spec.name}'s context of {spec.context_length} tokens",
+            param=param, code="context_length_exceeded")
+
+
+def services() -> Services:
+    """The current app's Services."""
+    return current_app.extensions["dawet"]

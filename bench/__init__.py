@@ -1,0 +1,1 @@
+"""Benchmarks of the serving pipeline (`python -m bench`, `make bench`); not part of the tests."""

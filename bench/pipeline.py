@@ -1,0 +1,208 @@
+"""Benchmark the serving pipeline against the engine alone.
+
+For each model and each client count C, three runs of C closed-loop clients, each asking for
+exactly `tokens` new tokens per job (min_new_tokens = max_new_tokens):
+  pipeline    HTTP POST /v1/generate → Celery → worker (batching engine) → Redis → WebSocket
+  in-process  the same BatchingEngine called from C threads, no queue (the ceiling)
+  sequential  SequentialEngine called from min(C, 16) threads in-process, one round (one job
+              at a time: the baseline; its rate does not depend on C)
+Reported: output tokens/s, time to first token p50/p99, and the pipeline's ratios to both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import websocket
+
+from dawet.processes import Stack, free_port
+from dawet.settings import Settings
+
+logger = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("dawet-demo", "dawet-bench-4m")
+CONCURRENCY = (1, 4, 16, 64)
+SEQUENTIAL_JOBS = 16  # the most jobs the sequential baseline runs per row
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+@dataclass
+class Result:
+    """One run: tokens produced, wall time and each job's time to first token."""
+
+    tokens: int
+    seconds: float
+    ttfts: list[float]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+    def ttft_ms(self, quantile: float) -> float:
+        ordered = sorted(self.ttfts)
+        return 1000 * ordered[min(len(ordered) - 1, round(quantile * (len(ordered) - 1)))]
+
+
+def request_body(model: str, index: int, tokens: int) -> dict:
+    """A sampled request that generates exactly `tokens` tokens."""
+    return {"model": model, "prompt": f"{PROMPT} {index}", "max_new_tokens": tokens,
+            "min_new_tokens": tokens, "temperature": 0.7, "top_p": 0.95, "seed": index}
+
+
+def closed_loop(clients: int, rounds: int, one_job: Callable[[int], tuple[int, float]]) -> Result:
+    """Run `clients` threads, each doing `rounds` jobs back to back; one_job → (tokens, ttft)."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = list(pool.map(one_job, range(clients * rounds)))
+    seconds = time.perf_counter() - started
+    return Result(sum(t for t, _ in outcomes), seconds, [ttft for _, ttft in outcomes])
+
+
+def pipeline_job(api_url: str, model: str, tokens: int) -> Callable[[int], tuple[int, float]]:
+    """One job through the API: POST, then read its WebSocket stream to the end."""
+    http = httpx.Client(base_url=api_url, timeout=120, limits=httpx.Limits(max_connections=128))
+
+    def run(index: int) -> tuple[int, float]:
+        started = time.perf_counter()
+        job = http.post("/v1/generate", json=request_body(model, index, tokens)).json()
+        ws = websocket.create_connection(job["stream_url"], timeout=120)
+        first = None
+        try:
+            while True:
+                event = json.loads(ws.recv())
+                if event["type"] == "token" and first is None:
+                    first = time.perf_counter() - started
+                if event["type"] in ("done", "error"):
+                    break
+        finally:
+            ws.close()
+        if event["type"] == "error":
+            raise RuntimeError(f"job failed: {event}")
+        return event["usage"]["completion_tokens"], first
+
+    return run
+
+
+def engine_job(engine, tokenizer, tokens: int) -> Callable[[int], tuple[int, float]]:
+    """One job straight into an engine, in this process."""
+    from tasks.contract import SamplingParams
+
+    def run(index: int) -> tuple[int, float]:
+        params = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.7,
+                                top_p=0.95, seed=index)
+        started, first, count = time.perf_counter(), None, 0
+        for step in engine.stream(tokenizer.encode(f"{PROMPT} {index}"), params):
+            first = first or time.perf_counter() - started
+            count += step.token_id is not None
+        return count, first
+
+    return run
+
+
+def start_stack(args: argparse.Namespace, log_dir: Path) -> Stack:
+    """Redis, one batching worker per model (concurrency = max batch) and the API."""
+    settings = Settings(models_file=ROOT / "models.toml", default_model=args.models[0],
+                        api_port=free_port(), api_workers=args.api_workers,
+                        max_batch_size=args.max_batch, worker_concurrency=args.max_batch,
+                        engine="batching", stream_chunk_seconds=args.chunk_seconds,
+                        torch_threads=args.torch_threads, log_level="WARNING")
+    return Stack(settings, models=list(args.models), log_dir=log_dir).start()
+
+
+def bench_model(stack: Stack, model: str, args: argparse.Namespace) -> list[dict]:
+    """All runs for one model; the engines load here, in the bench process."""
+    from model_store.loader import load_model
+    from model_store.registry import load_registry
+    from tasks.batching import BatchingEngine
+    from tasks.engine import SequentialEngine
+
+    loaded = load_model(load_registry(ROOT / "models.toml").get(model))
+    batching = BatchingEngine(loaded, args.max_batch, stack.settings.kv_cache_tokens)
+    sequential = SequentialEngine(loaded)
+    rows = []
+    for clients in args.concurrency:
+        run = {"pipeline": pipeline_job(stack.api_url, model, args.tokens),
+               "in-process": engine_job(batching, loaded.tokenizer, args.tokens),
+               "sequential": engine_job(sequential, loaded.tokenizer, args.tokens)}
+        closed_loop(clients, 1, run["pipeline"])  # warm up the stack at this concurrency
+        results = {name: closed_loop(clients, args.rounds, job) for name, job in run.items()
+                   if name != "sequential"}
+        # one job at a time: its rate does not depend on C, so a few jobs measure it
+        results["sequential"] = closed_loop(min(clients, SEQUENTIAL_JOBS), 1, run["sequential"])
+        rows.append({"model": model, "clients": clients, **results})
+        logger.info("%s C=%d done", model, clients)
+    batching.close()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of the runs."""
+    head = ("| model | C | pipeline tok/s | TTFT p50 ms | TTFT p99 ms | in-process tok/s "
+            "| in-process TTFT p99 ms | sequential tok/s | pipeline / in-process "
+            "| pipeline / sequential |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        pipe, ceiling, seq = row["pipeline"], row["in-process"], row["sequential"]
+        lines.append(
+            f"| {row['model']} | {row['clients']} | {pipe.tokens_per_second:.0f} "
+            f"| {pipe.ttft_ms(0.5):.0f} | {pipe.ttft_ms(0.99):.0f} "
+            f"| {ceiling.tokens_per_second:.0f} | {ceiling.ttft_ms(0.99):.0f} "
+            f"| {seq.tokens_per_second:.0f} "
+            f"| {pipe.tokens_per_second / ceiling.tokens_per_second:.2f}x "
+            f"| {pipe.tokens_per_second / seq.tokens_per_second:.1f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per job")
+    parser.add_argument("--rounds", type=int, default=3, help="jobs per client in each run")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--chunk-seconds", type=float, default=0.05,
+                        help="DAWET_STREAM_CHUNK_SECONDS for the worker")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="DAWET_TORCH_THREADS for the worker and the in-process runs (0: default)")
+    parser.add_argument("--api-workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: dawet-bench-4m, C = 1 and 16, 16 tokens, one round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.concurrency, args.tokens, args.rounds = ["dawet-bench-4m"], [1, 16], 16, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the stack, run every model and client count, print the table."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    log_dir = Path(tempfile.mkdtemp(prefix="dawet-bench-"))
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)  # the in-process runs match the worker
+    stack = start_stack(args, log_dir)
+    try:
+        rows = [row for model in args.models for row in bench_model(stack, model, args)]
+    finally:
+        stack.stop()
+    sys.stdout.write(f"\n{args.tokens} new tokens per job, {args.rounds} jobs per client, "
+                     f"{os.cpu_count()} CPUs, torch threads {args.torch_threads or 'default'}, "
+                     f"chunk {args.chunk_seconds}s (logs: {log_dir})\n\n"
+                     f"{format_table(rows)}\n")
+    return 0

@@ -1,0 +1,1 @@
+"""Dawet: shared settings and process launching for the api, tasks and model_store packages."""

@@ -1,0 +1,34 @@
+"""gunicorn hooks for the API: worker processes share metric files, so /metrics sees them all.
+
+Used as `gunicorn -c python:dawet.gunicorn_conf`; the other options come from the command line.
+Each start gets a fresh directory (under TMPDIR), so no counts of an earlier run are added in.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from dawet.settings import export_metrics_dir
+
+_metrics_dir: Path | None = None
+
+
+def on_starting(server) -> None:
+    """Export an empty metrics directory before any worker (or prometheus_client) starts."""
+    global _metrics_dir
+    _metrics_dir = Path(tempfile.mkdtemp(prefix="dawet-api-metrics-"))
+    export_metrics_dir(_metrics_dir)
+
+
+def child_exit(server, worker) -> None:
+    """Drop a dead worker's live gauges (open streams) from the totals."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    """Remove the metrics directory."""
+    if _metrics_dir is not None:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

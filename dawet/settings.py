@@ -1,0 +1,173 @@
+"""Every environment variable Dawet reads, in one place (prefix DAWET_)."""
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+FALLBACK_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Typed settings; each field is DAWET_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DAWET_", extra="forbid")
+
+    # Redis for job logs and pub/sub. Unset: `dawet run` starts an embedded redis-server,
+    # and a bare api or worker uses redis://127.0.0.1:6379/0.
+    redis_url: str | None = None
+    # Celery broker; unset means the Redis above. Any kombu URL works (amqp://... for RabbitMQ).
+    broker_url: str | None = None
+    # The model registry (TOML); paths in it that start with "." are relative to the file.
+    models_file: Path = Path("models.toml")
+    # Model served when a request names none; unset means the registry's `default`, else its first.
+    default_model: str | None = None
+
+    # Address and process count of the API (gunicorn, gevent workers).
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    api_workers: int = Field(2, ge=1)
+    # Largest accepted request body in bytes.
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    # Accepted API keys as comma-separated SHA-256 hex digests, each optionally scoped to models
+    # ("digest:model1|model2"); empty turns authentication off.
+    api_keys: str = ""
+    # Origins allowed to call the API from a browser (comma-separated, or *); empty: no CORS.
+    cors_origins: str = ""
+    # Log prompts and generated text (off by default: they may hold personal data).
+    log_prompts: bool = False
+    # Cancel a streamed OpenAI-style completion's job when its client disconnects.
+    cancel_on_disconnect: bool = True
+
+    # Jobs a worker process runs at once (Celery threads pool); unset means max_batch_size.
+    worker_concurrency: int | None = Field(None, ge=1)
+    # How a worker runs its jobs: `batching` decodes all running jobs as one batch per step
+    # (continuous batching); `sequential` runs one job at a time (the baseline).
+    engine: Literal["batching", "sequential"] = "batching"
+    # Most sequences in one batch; more jobs wait for a free slot.
+    max_batch_size: int = Field(32, ge=1)
+    # KV-cache budget in tokens per worker: rows x the longest (prompt + max_new_tokens) in the
+    # batch stays under it; more jobs wait, and a job that alone exceeds it fails.
+    kv_cache_tokens: int = Field(65_536, ge=16)
+    # Intra-op threads torch uses in a worker; 0 keeps torch's default (one per core). On a
+    # small CPU host shared with the API and Redis, 1 avoids threads spinning against each other.
+    torch_threads: int = Field(0, ge=0)
+    # Text produced within this many seconds is sent as one token event (the first token is
+    # always sent at once); 0 sends one event per token.
+    stream_chunk_seconds: float = Field(0.05, ge=0)
+    # How often a worker refreshes its liveness record; it expires after three missed beats.
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    # Seconds a broker keeps an unacknowledged job before handing it to another worker.
+    visibility_timeout_seconds: int = Field(3600, ge=60)
+    # Cancels reach workers over pub/sub at once; a running job also polls its cancel flag this
+    # often, in case a pub/sub message was lost.
+    cancel_poll_seconds: float = Field(0.5, gt=0)
+    # A running job's lease lasts this long; a job whose lease lapses is re-run on another worker.
+    lease_seconds: float = Field(6.0, gt=0)
+    # How often a worker renews its jobs' leases and looks for lapsed ones.
+    lease_refresh_seconds: float = Field(1.0, gt=0)
+
+    # How long job records and event logs stay in Redis.
+    job_ttl_seconds: int = Field(86_400, ge=60)
+    # A stream with no new event for this long ends with an error frame.
+    stream_idle_timeout_seconds: float = Field(120.0, gt=0)
+    # How long a chat conversation stays in Redis after its last change.
+    conversation_ttl_seconds: int = Field(7 * 86_400, ge=60)
+
+    # Jobs that may wait in one model's queue; beyond it a submission gets 429. 0: no limit.
+    max_queued_jobs: int = Field(1000, ge=0)
+    # Generation requests per minute per API key (or client address without keys). 0: no limit.
+    rate_limit_requests_per_minute: int = Field(0, ge=0)
+    # Prompt plus max_new_tokens per minute per API key (or client address). 0: no limit.
+    rate_limit_tokens_per_minute: int = Field(0, ge=0)
+    # A job not started this many seconds after submission expires; unset: no deadline.
+    default_deadline_seconds: float | None = Field(None, gt=0)
+
+    # Python logging level for every Dawet process.
+    log_level: str = "INFO"
+
+    # Port of each worker's Prometheus /metrics server; 0 turns it off. `dawet run` picks free ports.
+    worker_metrics_port: int = Field(9300, ge=0, le=65535)
+    # Address the worker's metrics server binds (0.0.0.0 in containers).
+    worker_metrics_host: str = "127.0.0.1"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_key_digests(cls, value: str) -> str:
+        entries = [_lower_digest(e.strip()) for e in value.split(",") if e.strip()]
+        bad = [e for e in entries if not re.fullmatch(r"[0-9a-f]{64}(:[^:|,]+(\|[^:|,]+)*)?", e)]
+        if bad:
+            raise ValueError("api_keys must be SHA-256 hex digests (64 hex characters), "
+                             "comma-separated, each optionally followed by :model1|model2; "
+                             "hash each key, e.g. `printf %s KEY | sha256sum`")
+        return ",".join(entries)
+
+    def api_key_digests(self) -> frozenset[str]:
+        """The accepted keys' SHA-256 hex digests; empty when authentication is off."""
+        return frozenset(self.api_key_scopes())
+
+    def api_key_scopes(self) -> dict[str, frozenset[str] | None]:
+        """Each accepted key digest with the models it may use (None: every model)."""
+        scopes = {}
+        for entry in filter(None, self.api_keys.split(",")):
+            digest, _, models = entry.partition(":")
+            scopes[digest] = frozenset(models.split("|")) if models else None
+        return scopes
+
+    def cors_origin_list(self) -> list[str]:
+        """The origins allowed by CORS; empty when CORS is off."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    def redis_url_or_fallback(self) -> str:
+        """Return the configured Redis URL, or the local default."""
+        return self.redis_url or FALLBACK_REDIS_URL
+
+    @model_validator(mode="after")
+    def _one_job_per_batch_slot(self) -> "Settings":
+        """Unset worker_concurrency means one Celery thread per batch slot."""
+        if self.worker_concurrency is None:
+            self.worker_concurrency = self.max_batch_size
+        return self
+
+    def broker_url_or_redis(self) -> str:
+        """Return the broker URL; the Redis URL when none is set."""
+        return self.broker_url or self.redis_url_or_fallback()
+
+
+def _lower_digest(entry: str) -> str:
+    """Lower-case an API key entry's digest, keeping its model names as written."""
+    digest, sep, models = entry.partition(":")
+    return digest.lower() + sep + models
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read settings from the environment once per process."""
+    return Settings()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Render settings as DAWET_* variables for a child process."""
+    values = settings.model_dump(exclude_none=True)
+    return {f"DAWET_{name.upper()}": str(value) for name, value in values.items()}
+
+
+def pin_gpu(gpu: str | None) -> None:
+    """Make only `gpu` visible to CUDA; call before torch is imported."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+def export_metrics_dir(path: Path) -> None:
+    """Point prometheus_client's multiprocess mode at `path`; call before it is imported."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """Return this process's environment plus `extra`, for launching a child process."""
+    return {**os.environ, **extra}

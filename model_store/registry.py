@@ -1,0 +1,101 @@
+"""The model registry: what each served model is, read from a TOML file. No torch here."""
+from __future__ import annotations
+
+import tomllib
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    TRANSFORMERS = "transformers"
+    UNSLOTH = "unsloth"
+
+
+class Quantization(str, Enum):
+    NONE = "none"
+    INT8 = "8bit"
+    INT4 = "4bit"
+
+
+class GenerationDefaults(BaseModel):
+    """Sampling values used when a request leaves them out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(128, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0.0, le=2.0)
+
+
+class ModelSpec(BaseModel):
+    """One served model: weights, adapter, backend, limits and prompt defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    path: str  # a local directory (relative to the registry file) or a hub id
+    adapter: str | None = None  # a peft LoRA adapter directory
+    backend: Backend = Backend.AUTO
+    quantization: Quantization = Quantization.NONE
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    context_length: int = Field(2048, ge=16)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    system_prompt: str | None = None
+    defaults: GenerationDefaults = GenerationDefaults()
+
+    @model_validator(mode="after")
+    def _defaults_within_limit(self) -> "ModelSpec":
+        if self.defaults.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"{self.name}: defaults.max_new_tokens exceeds max_new_tokens_limit")
+        return self
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue this model's workers consume."""
+        return f"dawet.{self.name}"
+
+
+class Registry:
+    """The served models by name, in file order."""
+
+    def __init__(self, models: list[ModelSpec], default: str | None = None):
+        if not models:
+            raise ValueError("the model registry lists no models")
+        self.models = {spec.name: spec for spec in models}
+        self.default_name = default or models[0].name
+        if self.default_name not in self.models:
+            raise ValueError(f"default model {self.default_name!r} is not in the registry")
+
+    def get(self, name: str | None) -> ModelSpec | None:
+        """Return the named model (the default for None), or None if unknown."""
+        return self.models.get(name or self.default_name)
+
+    @property
+    def default(self) -> ModelSpec:
+        return self.models[self.default_name]
+
+
+def load_registry(path: Path, default: str | None = None) -> Registry:
+    """Read a registry file; local paths become absolute, relative to the file."""
+    path = Path(path).resolve()
+    with path.open("rb") as handle:
+        data = tomllib.load(handle)
+    specs = [_resolve_paths(ModelSpec(**entry), path.parent) for entry in data.get("models", [])]
+    return Registry(specs, default or data.get("default"))
+
+
+def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
+    """Turn ./relative paths into absolute ones; leave absolute paths and hub ids alone."""
+    updates = {}
+    for field in ("path", "adapter"):
+        value = getattr(spec, field)
+        if value and value.startswith("."):
+            updates[field] = str((base / value).resolve())
+    return spec.model_copy(update=updates)

@@ -1,0 +1,104 @@
+"""A model's tokenizer and chat template without transformers, shared by the API and workers.
+
+This is the one place a chat template is applied: the API renders and encodes the prompt
+here (so it can reject prompts longer than the context before queueing), and workers
+decode generated tokens with the same files.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+
+class ChatTemplateError(ValueError):
+    """The chat template refused the messages."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+class ChatTokenizer:
+    """Render chat prompts, encode and decode, from a model directory's tokenizer files."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config = _read_json(model_dir / "tokenizer_config.json")
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.eos_token_ids = self._eos_ids(model_dir)
+        self._template = _compile_template(_chat_template(model_dir, config))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def render(self, messages: list[Message], system_prompt: str | None = None) -> str:
+        """Apply the chat template, adding the system prompt unless one is given."""
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        if system_prompt and not any(t["role"] == "system" for t in turns):
+            turns.insert(0, {"role": "system", "content": system_prompt})
+        try:
+            return self._template.render(
+                messages=turns, add_generation_prompt=True,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise ChatTemplateError(str(exc)) from exc
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for text; special tokens only where the text spells them."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text for token ids, without special tokens."""
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _eos_ids(self, model_dir: Path) -> frozenset[int]:
+        """End-of-sequence ids from generation_config.json, else the tokenizer's eos token."""
+        configured = _read_json(model_dir / "generation_config.json").get("eos_token_id")
+        if configured is None and self.eos_token:
+            configured = self._tokenizer.token_to_id(self.eos_token)
+        ids = configured if isinstance(configured, list) else [configured]
+        return frozenset(i for i in ids if i is not None)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token_text(token: str | dict | None) -> str | None:
+    """Special tokens appear as plain strings or as AddedToken dicts in tokenizer_config."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _chat_template(model_dir: Path, config: dict) -> str:
+    """Find the template: chat_template.jinja, else tokenizer_config.json."""
+    jinja_file = model_dir / "chat_template.jinja"
+    template = jinja_file.read_text() if jinja_file.exists() else config.get("chat_template")
+    if not template:
+        raise ValueError(f"{model_dir} has no chat template")
+    return template
+
+
+def _compile_template(source: str):
+    """Compile like transformers does: sandboxed, trimmed blocks, raise_exception available."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
+    )
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.x uses it
+    return env.from_string(source)

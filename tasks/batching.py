@@ -1,0 +1,277 @@
+"""Continuous batching: every running request shares one batched decode step per iteration.
+
+One scheduler thread owns the model. `stream()` queues a request and yields TokenSteps from
+that request's own queue. Each iteration the scheduler drops cancelled rows, admits waiting
+requests (prompts of equal length prefill together, never padded; the prefill's logits give
+the first token at once), merges their KV caches into the running batch (left padding, a 2D
+attention mask, explicit position ids), runs ONE decode step for all rows, samples each row
+with its request's own Sampler (batched, tasks/sampling.py), and evicts the rows that ended.
+Admission is bounded by a batch size and a KV-cache budget; the thread blocks when idle.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from model_store.loader import LoadedModel
+from tasks.contract import SamplingParams
+from tasks.engine import CANCELLED_STEP, TokenStep, step_for
+from tasks.metrics import EngineStats
+from tasks.sampling import Sampler, sample_batch
+
+logger = logging.getLogger(__name__)
+
+HISTORY_STEPS = 4096  # how many recent batch sizes the engine remembers
+
+
+@dataclass(eq=False)
+class _Request:
+    """A submitted request and the queue its steps (or an exception) are delivered to."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    cancel: threading.Event
+    steps: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    abandoned: bool = False  # the consumer closed its iterator
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def stopped(self) -> bool:
+        return self.abandoned or self.cancel.is_set()
+
+
+class _Sequence:
+    """A running request: its sampler, its length and the token to feed next."""
+
+    def __init__(self, request: _Request, eos_ids: frozenset[int], device: torch.device):
+        self.request, self._eos_ids = request, eos_ids
+        self.sampler = Sampler(request.params, request.prompt_ids, eos_ids, device)
+        self.length = len(request.prompt_ids)  # tokens so far, the last one not yet in the cache
+        self.last_token = request.prompt_ids[-1]
+
+    def accept(self, token: int) -> bool:
+        """Deliver the step for a sampled token; return whether the sequence ended."""
+        step = step_for(token, self.sampler.produced, self.request.params, self._eos_ids)
+        if step.token_id is not None:
+            self.last_token, self.length = step.token_id, self.length + 1
+        self.request.steps.put(step)
+        return step.finish is not None
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Pad `tensor` with zeros on the left of dimension `dim` (-1 or -2) up to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    return F.pad(tensor, (missing, 0) if dim == -1 else (0, 0, missing, 0))
+
+
+class KVBatch:
+    """The running batch's KV cache and attention mask, rows left-padded to one length."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
+
+    def add(self, cache: DynamicCache, rows: list[int]) -> None:
+        """Append these rows of a prefill's cache (same-length prompts, no padding) as last rows."""
+        index = torch.tensor(rows, device=self.device)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        ones = torch.ones((len(rows), cache.get_seq_length()), dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, ones
+            return
+        width = max(self.mask.shape[1], ones.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, -2),
+                                     _left_pad(theirs.values, width, -2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(ones, width, -1)])
+
+    def grow(self) -> torch.Tensor:
+        """The attention mask for the next decode step: one more real column for every row."""
+        column = torch.ones((self.mask.shape[0], 1), dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask, column], dim=1)
+        return self.mask
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, then drop leading columns that are padding in every row."""
+        if not rows:
+            self.cache, self.mask = None, self.mask[:0, :0]
+            return
+        index = torch.tensor(rows, device=self.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(dim=0).int().argmax())  # the first column some row still uses
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _same_length(requests: list[_Request]) -> list[list[_Request]]:
+    """Group requests by prompt length, so each group prefills as one batch without padding."""
+    groups: dict[int, list[_Request]] = {}
+    for request in requests:
+        groups.setdefault(len(request.prompt_ids), []).append(request)
+    return list(groups.values())
+
+
+class BatchingEngine:
+    """Continuous batching behind the Engine interface; safe to call from many threads."""
+
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int):
+        self._model, self._device = loaded.model, loaded.device
+        self._eos_ids = loaded.tokenizer.eos_token_ids
+        self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
+        self._waiting: deque[_Request] = deque()
+        self._wakeup = threading.Condition()
+        self._rows: list[_Sequence] = []
+        self._kv = KVBatch(loaded.device)
+        self.step_count = 0
+        self._closed = False
+        self.batch_sizes: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)  # (step, rows)
+        self._thread = threading.Thread(target=self._run, name="dawet-batcher", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler after its current iteration; requests still running are failed."""
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> int:
+        """How many sequences are in the batch now."""
+        return len(self._rows)
+
+    def stats(self) -> EngineStats:
+        """Batch size, waiting requests and the share of the KV budget the padded batch holds."""
+        held = len(self._rows) * self._kv.mask.shape[1]
+        return EngineStats(len(self._rows), len(self._waiting), min(held / self.kv_cache_tokens, 1.0))
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               cancel: threading.Event | None = None) -> Iterator[TokenStep]:
+        """Queue the request now; the iterator yields its steps as the batch produces them."""
+        request = _Request(list(prompt_ids), params, cancel or threading.Event())
+        if request.reserved_tokens > self.kv_cache_tokens:
+            raise ValueError(f"prompt plus max_new_tokens ({request.reserved_tokens}) exceeds the "
+                             f"KV-cache budget of {self.kv_cache_tokens} tokens")
+        with self._wakeup:
+            self._waiting.append(request)
+            self._wakeup.notify()
+        return self._follow(request)
+
+    @staticmethod
+    def _follow(request: _Request) -> Iterator[TokenStep]:
+        """Yield the request's steps until it ends; closing early abandons it."""
+        try:
+            while True:
+                step = request.steps.get()
+                if isinstance(step, BaseException):
+                    raise step
+                yield step
+                if step.finish is not None:
+                    return
+        finally:
+            request.abandoned = True
+
+    def _run(self) -> None:
+        """The scheduler loop: drop stopped rows, admit, decode; block while idle."""
+        with torch.inference_mode():
+            while not self._closed:
+                try:
+                    self._evict([i for i, s in enumerate(self._rows) if s.request.stopped],
+                                CANCELLED_STEP)
+                    for group in _same_length(self._admissions()):
+                        self._prefill(group)
+                    if self._rows:
+                        self._decode_step()
+                except Exception as exc:  # the boundary: fail the batch, keep serving
+                    logger.exception("batched decode step failed")
+                    self._fail_all(exc)
+        self._fail_all(RuntimeError("the engine was closed"))
+        with self._wakeup:
+            for request in self._waiting:
+                request.steps.put(RuntimeError("the engine was closed"))
+
+    def _admissions(self) -> list[_Request]:
+        """Take the waiting requests that fit the batch and the KV budget; wait while idle."""
+        with self._wakeup:
+            while not self._rows and not self._waiting and not self._closed:
+                self._wakeup.wait()
+            admitted: list[_Request] = []
+            while self._waiting and not self._closed and self._fits(admitted, self._waiting[0]):
+                request = self._waiting.popleft()
+                if request.stopped:
+                    request.steps.put(CANCELLED_STEP)
+                else:
+                    admitted.append(request)
+            return admitted
+
+    def _fits(self, admitted: list[_Request], request: _Request) -> bool:
+        """Whether one more row fits: the padded cache is at most rows x longest reservation."""
+        requests = [s.request for s in self._rows] + admitted + [request]
+        longest = max(r.reserved_tokens for r in requests)
+        return len(requests) <= self.max_batch_size and len(requests) * longest <= self.kv_cache_tokens
+
+    def _prefill(self, group: list[_Request]) -> None:
+        """Run same-length prompts as one batch, deliver first tokens, join those not ended."""
+        sequences = [_Sequence(r, self._eos_ids, self._device) for r in group]
+        try:
+            ids = torch.tensor([r.prompt_ids for r in group], device=self._device)
+            out = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            tokens = sample_batch([s.sampler for s in sequences], out.logits[:, -1, :])
+        except Exception as exc:  # these requests only: their runners turn it into error events
+            logger.exception("prefill failed")
+            for request in group:
+                request.steps.put(exc)
+            return
+        going = [i for i, (s, token) in enumerate(zip(sequences, tokens)) if not s.accept(token)]
+        if going:
+            self._kv.add(out.past_key_values, going)
+            self._rows.extend(sequences[i] for i in going)
+
+    def _decode_step(self) -> None:
+        """One forward pass for every running row, then per-row sampling and eviction."""
+        self.step_count += 1
+        self.batch_sizes.append((self.step_count, len(self._rows)))
+        feed = torch.tensor([[s.last_token] for s in self._rows], device=self._device)
+        positions = torch.tensor([[s.length - 1] for s in self._rows], device=self._device)
+        out = self._model(input_ids=feed, attention_mask=self._kv.grow(), position_ids=positions,
+                          past_key_values=self._kv.cache, use_cache=True)
+        tokens = sample_batch([s.sampler for s in self._rows], out.logits[:, -1, :])
+        ended = [s.accept(token) for s, token in zip(self._rows, tokens)]
+        self._evict([i for i, done in enumerate(ended) if done])
+
+    def _evict(self, rows: list[int], final: TokenStep | None = None) -> None:
+        """Remove these rows from the batch, sending each a `final` step when given."""
+        if not rows:
+            return
+        for index in rows:
+            if final is not None:
+                self._rows[index].request.steps.put(final)
+        gone = set(rows)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        self._kv.keep(keep)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Hand the error to every running request and start over with an empty batch."""
+        for sequence in self._rows:
+            sequence.request.steps.put(exc)
+        self._rows = []
+        self._kv = KVBatch(self._device)

@@ -1,0 +1,184 @@
+"""The job contract between the API and workers: jobs, parameters, typed events, errors.
+
+Plain data only (no torch, no Redis): the API imports this module.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    STARTED = "started"
+    RESTARTED = "restarted"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # the model emitted an end-of-sequence token
+    LENGTH = "length"  # max_new_tokens reached
+    STOP_SEQUENCE = "stop_sequence"  # a requested stop string appeared
+    CANCELLED = "cancelled"
+
+
+class SamplingParams(BaseModel):
+    """Resolved generation parameters: request values over the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(ge=0.0, le=2.0)  # 0 means greedy
+    top_p: float = Field(gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 disables top-k
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class Job(BaseModel):
+    """What a worker needs to run a generation; travels as the Celery task argument."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    created_at: float = Field(default_factory=time.time)
+    deadline_at: float | None = None  # unix time; a job not started by then expires
+
+    def expired(self, now: float) -> bool:
+        """Whether the job's start deadline has passed."""
+        return self.deadline_at is not None and now > self.deadline_at
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """The one error envelope, for HTTP responses and stream error frames alike."""
+
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": asdict(self)}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total_tokens": self.total_tokens}
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    state: JobState
+    worker: str | None = None
+    type: str = field(default="status", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"type": self.type, "state": self.state.value}
+        return data | ({"worker": self.worker} if self.worker else {})
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+    type: str = field(default="token", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "text": self.text}
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: FinishReason
+    usage: Usage
+    timings: dict[str, float]
+    type: str = field(default="done", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "finish_reason": self.finish_reason.value,
+                "usage": self.usage.to_dict(), "timings": self.timings}
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: ErrorBody
+    type: str = field(default="error", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **self.error.envelope()}
+
+
+DEADLINE_EXCEEDED = "deadline_exceeded"  # the error code of a job that expired unstarted
+
+Event = StatusEvent | TokenEvent | DoneEvent | ErrorEvent
+TERMINAL_TYPES = frozenset({"done", "error"})
+
+
+def is_terminal(event: dict[str, Any]) -> bool:
+    """Whether an event (as JSON data) ends its job's stream."""
+    return event["type"] in TERMINAL_TYPES
+
+
+@dataclass
+class JobView:
+    """A job's state folded from its event log, as GET /v1/jobs/<id> shows it."""
+
+    id: str
+    state: JobState = JobState.QUEUED
+    text: str = ""
+    last_seq: int = 0
+    worker: str | None = None
+    finish_reason: str | None = None
+    usage: dict | None = None
+    timings: dict | None = None
+    error: dict | None = None
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Fold one event into the view."""
+        self.last_seq = event["seq"]
+        kind = event["type"]
+        if kind == "status":
+            self.state = JobState(event["state"])
+            self.worker = event.get("worker", self.worker)
+            if self.state is JobState.RESTARTED:
+                self.text = ""  # the job runs again from the start on another worker
+        elif kind == "token":
+            self.text += event["text"]
+        elif kind == "done":
+            self._finish(event)
+        elif kind == "error":
+            expired = event["error"]["code"] == DEADLINE_EXCEEDED
+            self.state = JobState.EXPIRED if expired else JobState.FAILED
+            self.error = event["error"]
+
+    def _finish(self, event: dict[str, Any]) -> None:
+        self.finish_reason = event["finish_reason"]
+        cancelled = self.finish_reason == FinishReason.CANCELLED.value
+        self.state = JobState.CANCELLED if cancelled else JobState.SUCCEEDED
+        self.usage, self.timings = event["usage"], event["timings"]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data

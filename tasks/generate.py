@@ -1,0 +1,12 @@
+"""The generate task: a thin shell around the worker's JobRunner."""
+from __future__ import annotations
+
+from tasks.celery_app import GENERATE_TASK, app
+from tasks.contract import Job
+from tasks.worker import current_runtime
+
+
+@app.task(name=GENERATE_TASK)
+def generate(job_data: dict) -> None:
+    """Run one generation job (if it is this worker's and in time) and publish its events."""
+    current_runtime().guard.run(Job.model_validate(job_data))

@@ -1,0 +1,70 @@
+"""What a worker checks around each job: its lease, its start deadline, and prompt logging."""
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from celery import Celery
+
+from dawet.settings import Settings
+from model_store.registry import load_registry
+from tasks.contract import DEADLINE_EXCEEDED, ErrorBody, ErrorEvent, Job
+from tasks.joblog import JobStore
+from tasks.leases import LeaseBook, LeaseKeeper, Reaper
+
+logger = logging.getLogger(__name__)
+
+DEADLINE_ERROR = ErrorBody("the job did not start before its deadline", "timeout_error",
+                           DEADLINE_EXCEEDED)
+
+
+class JobGuard:
+    """Runs a job through the runner only when this worker holds its lease and it is in time."""
+
+    def __init__(self, store: JobStore, keeper: LeaseKeeper, runner, log_prompts: bool):
+        self._store, self.keeper, self._runner = store, keeper, runner
+        self._log_prompts = log_prompts
+
+    def run(self, job: Job) -> None:
+        """Run the job unless another worker runs it or its deadline passed."""
+        with self.keeper.hold(job.id) as held:
+            if not held:
+                logger.info("job %s runs on another worker; skipping the redelivery", job.id)
+                return
+            if self._expire_if_late(job):
+                return
+            self._runner.run(job)
+        if self._log_prompts:
+            self._log_output(job.id)
+
+    def _expire_if_late(self, job: Job) -> bool:
+        """End a job that never started and whose deadline passed with deadline_exceeded."""
+        last = self._store.last_event(job.id)
+        if not (job.expired(time.time()) and last and last.get("state") == "queued"):
+            return False
+        self._store.append(job.id, ErrorEvent(DEADLINE_ERROR))
+        logger.info("job %s expired before it started", job.id)
+        return True
+
+    def _log_output(self, job_id: str) -> None:
+        text = "".join(e["text"] for e in self._store.read(job_id) if e["type"] == "token")
+        logger.info("job %s output: %r", job_id, text)
+
+
+def build_guard(settings: Settings, app: Celery, client: redis.Redis, runner,
+                worker_name: str) -> JobGuard:
+    """Wire leases, reaper and guard for one worker, and start its lease thread."""
+    from tasks.celery_app import send_job  # tasks.celery_app imports this module
+
+    queues = {name: spec.queue for name, spec in
+              load_registry(settings.models_file, settings.default_model).models.items()}
+    store = JobStore(client, settings.job_ttl_seconds)
+    book = LeaseBook(client, worker_name, settings.lease_seconds)
+
+    def send(job: Job) -> None:
+        send_job(app, job, queues[job.model])
+
+    keeper = LeaseKeeper(book, Reaper(book, store, send), settings.lease_refresh_seconds)
+    keeper.start()
+    return JobGuard(store, keeper, runner, settings.log_prompts)

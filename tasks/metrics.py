@@ -1,0 +1,198 @@
+"""Prometheus metrics of a worker process, served by its own HTTP server.
+
+A worker is one process (threads or solo pool), so the default registry holds everything and
+`prometheus_client.start_http_server` serves it on DAWET_WORKER_METRICS_PORT. Job timings
+come from the runner's Clock, through the job's terminal event, so they are computed once.
+
+Engine hook: a batching engine calls `report_engine_stats(fn)` once, with `fn() -> EngineStats`
+(batch size, waiting requests, KV-cache use). Without it the batch size is the number of jobs
+decoding (exact for SequentialEngine) and KV-cache use is absent.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+
+from tasks.contract import DoneEvent, ErrorEvent, Job
+
+logger = logging.getLogger(__name__)
+
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TOKEN_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+QUEUE_WAIT = Histogram("dawet_job_queue_wait_seconds", "From submission to a worker starting it.",
+                       ["model"], buckets=SECONDS_BUCKETS)
+TIME_TO_FIRST_TOKEN = Histogram("dawet_job_time_to_first_token_seconds",
+                                "From submission to the first token.", ["model"],
+                                buckets=SECONDS_BUCKETS)
+TIME_PER_OUTPUT_TOKEN = Histogram("dawet_job_time_per_output_token_seconds",
+                                  "Mean time between a job's tokens after the first.", ["model"],
+                                  buckets=TOKEN_SECONDS_BUCKETS)
+E2E_LATENCY = Histogram("dawet_job_e2e_latency_seconds", "From submission to the job's end.",
+                        ["model"], buckets=SECONDS_BUCKETS)
+JOBS = Counter("dawet_jobs_total", "Jobs ended, by outcome: a finish reason, or error.",
+               ["model", "outcome"])
+PROMPT_TOKENS = Counter("dawet_prompt_tokens_total", "Prompt tokens of ended jobs.", ["model"])
+GENERATION_TOKENS = Counter("dawet_generation_tokens_total", "Tokens generated.", ["model"])
+MODEL_LOAD_SECONDS = Gauge("dawet_model_load_seconds", "Time this worker took to load its model.",
+                           ["model"])
+WORKER_UP = Gauge("dawet_worker_up", "1 while the worker serves its model.", ["model", "worker"])
+LAST_HEARTBEAT = Gauge("dawet_worker_last_heartbeat_timestamp_seconds",
+                       "Unix time of the worker's latest liveness record.", ["model", "worker"])
+BUILD = Info("dawet_build", "Dawet version, inference backend and device of this worker.")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What a batching engine can report at scrape time (the hook; see the module docstring)."""
+
+    batch_size: int
+    waiting: int | None = None  # requests the engine holds but has not scheduled
+    kv_cache_usage: float | None = None  # fraction of KV-cache blocks in use, 0..1
+
+
+class InFlight:
+    """Jobs inside the runner: waiting (no token yet) or running (decoding), per model."""
+
+    def __init__(self):
+        self._clocks: dict[int, tuple[str, object]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def track(self, model: str, clock) -> Iterator[None]:
+        """Count the job as in flight for the duration of the block."""
+        with self._lock:
+            self._clocks[id(clock)] = (model, clock)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._clocks.pop(id(clock), None)
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """(running, waiting) per model; a job runs once it has a first token."""
+        with self._lock:
+            entries = list(self._clocks.values())
+        counts: dict[str, tuple[int, int]] = {}
+        for model, clock in entries:
+            running, waiting = counts.get(model, (0, 0))
+            started = clock.first_token is not None
+            counts[model] = (running + started, waiting + (not started))
+        return counts
+
+
+IN_FLIGHT = InFlight()
+_engine_stats: Callable[[], EngineStats] | None = None
+
+
+def report_engine_stats(stats_fn: Callable[[], EngineStats]) -> None:
+    """Let the engine report batch size and KV-cache use at each scrape (the engine hook)."""
+    global _engine_stats
+    _engine_stats = stats_fn
+
+
+def in_flight(model: str, clock):
+    """Context manager: the runner holds a job for `model` whose marks are on `clock`."""
+    return IN_FLIGHT.track(model, clock)
+
+
+def observe_job(job: Job, outcome: DoneEvent | ErrorEvent) -> None:
+    """Record an ended job: outcome, tokens and the timings its Clock computed."""
+    if isinstance(outcome, ErrorEvent):
+        JOBS.labels(job.model, "error").inc()
+        return
+    JOBS.labels(job.model, outcome.finish_reason.value).inc()
+    PROMPT_TOKENS.labels(job.model).inc(outcome.usage.prompt_tokens)
+    GENERATION_TOKENS.labels(job.model).inc(outcome.usage.completion_tokens)
+    timings = outcome.timings
+    QUEUE_WAIT.labels(job.model).observe(timings["queued_seconds"])
+    E2E_LATENCY.labels(job.model).observe(timings["total_seconds"])
+    if outcome.usage.completion_tokens:
+        TIME_TO_FIRST_TOKEN.labels(job.model).observe(timings["time_to_first_token_seconds"])
+    if outcome.usage.completion_tokens > 1:
+        decode = timings["total_seconds"] - timings["time_to_first_token_seconds"]
+        TIME_PER_OUTPUT_TOKEN.labels(job.model).observe(
+            max(decode, 0.0) / (outcome.usage.completion_tokens - 1))
+
+
+def heartbeat_marked(model: str, worker: str, record_fn: Callable[[], dict]) -> Callable[[], dict]:
+    """Wrap a heartbeat record function so each beat also sets the last-heartbeat gauge."""
+
+    def record() -> dict:
+        LAST_HEARTBEAT.labels(model, worker).set(time.time())
+        return record_fn()
+
+    return record
+
+
+class RuntimeCollector:
+    """At scrape time: running and waiting jobs, batch size, KV-cache use and GPU memory."""
+
+    def __init__(self, model: str):
+        self._model = model
+
+    def collect(self):
+        running, waiting = IN_FLIGHT.counts().get(self._model, (0, 0))
+        stats = _engine_stats() if _engine_stats is not None else None
+        if stats is not None and stats.waiting is not None:
+            waiting = stats.waiting
+        yield _gauge("dawet_jobs_running", "Jobs decoding in this worker.", self._model, running)
+        yield _gauge("dawet_jobs_waiting", "Jobs in this worker waiting for their first token.",
+                     self._model, waiting)
+        yield _gauge("dawet_batch_size", "Sequences in the engine's current decode batch.",
+                     self._model, stats.batch_size if stats else running)
+        if stats is not None and stats.kv_cache_usage is not None:
+            yield _gauge("dawet_kv_cache_usage_ratio", "Fraction of the KV cache in use.",
+                         self._model, stats.kv_cache_usage)
+        yield from gpu_memory()
+
+
+def _gauge(name: str, documentation: str, model: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["model"])
+    family.add_metric([model], value)
+    return family
+
+
+def gpu_memory() -> Iterator[GaugeMetricFamily]:
+    """Bytes allocated by torch on each visible GPU; nothing without CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return
+    family = GaugeMetricFamily("dawet_gpu_memory_allocated_bytes",
+                               "GPU memory held by tensors of this worker.", labels=["device"])
+    for index in range(torch.cuda.device_count()):
+        family.add_metric([str(index)], torch.cuda.memory_allocated(index))
+    yield family
+
+
+def start_worker_metrics(host: str, port: int, model: str, worker: str, loaded) -> None:
+    """Publish this worker's static facts and serve /metrics on host:port (port 0: not at all)."""
+    if port == 0:
+        return
+    BUILD.info({"version": _version(), "backend": loaded.backend.value,
+                "device": str(loaded.device), "model": model})
+    MODEL_LOAD_SECONDS.labels(model).set(loaded.load_seconds)
+    WORKER_UP.labels(model, worker).set(1)
+    REGISTRY.register(RuntimeCollector(model))
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        raise SystemExit(f"cannot serve worker metrics on {host}:{port} ({exc}); set "
+                         "DAWET_WORKER_METRICS_PORT to a free port, or 0 to turn them off") from exc
+    logger.info("worker metrics on http://%s:%d/metrics", host, port)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("dawet")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown"

@@ -1,0 +1,170 @@
+"""Run one job on an engine and publish its events: status, tokens, then done or error."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+
+from model_store.tokenizer import ChatTokenizer
+from tasks.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
+                            StatusEvent, TokenEvent, Usage, is_terminal)
+from tasks.engine import Engine
+from tasks.joblog import JobStore, Notifier
+from tasks.metrics import in_flight, observe_job
+from tasks.textstream import IncrementalDecoder, StopMatcher
+
+logger = logging.getLogger(__name__)
+
+
+class CancelCheck:
+    """A job's cancel signal: its event (set by a pub/sub message), else the Redis flag, polled."""
+
+    def __init__(self, store: JobStore, job_id: str, interval: float, event: threading.Event):
+        self._store, self._job_id, self._interval = store, job_id, interval
+        self.event = event  # the engine stops the sequence at its next step once it is set
+        self._next_check = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.event.is_set() or now < self._next_check:
+            return self.event.is_set()
+        self._next_check = now + self._interval
+        if self._store.is_cancelled(self._job_id):
+            self.event.set()
+        return self.event.is_set()
+
+
+class ChunkBuffer:
+    """Coalesce a job's text into token events: the first at once, then one per interval."""
+
+    def __init__(self, send: Callable[[str], None], interval: float):
+        self._send, self._interval = send, interval
+        self._pending, self._last_sent = "", None
+
+    def push(self, text: str) -> None:
+        """Add text; send what is pending if this is the first text or the interval has passed."""
+        self._pending += text
+        if self._last_sent is None or time.monotonic() - self._last_sent >= self._interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the pending text now, if there is any."""
+        if self._pending:
+            self._send(self._pending)
+            self._pending, self._last_sent = "", time.monotonic()
+
+
+@dataclass
+class Clock:
+    """Wall-clock marks for a job's timings (created_at comes from the API)."""
+
+    created: float
+    started: float = field(default_factory=time.time)
+    first_token: float | None = None
+
+    def timings(self, completion_tokens: int) -> dict[str, float]:
+        ended = time.time()
+        decode_seconds = ended - (self.first_token or ended)
+        return {
+            "queued_seconds": round(self.started - self.created, 4),
+            "time_to_first_token_seconds": round((self.first_token or ended) - self.created, 4),
+            "generation_seconds": round(ended - self.started, 4),
+            "total_seconds": round(ended - self.created, 4),
+            "tokens_per_second": round((completion_tokens - 1) / decode_seconds, 2)
+            if completion_tokens > 1 and decode_seconds > 0 else 0.0,
+        }
+
+
+class JobRunner:
+    """Runs jobs for one worker process; safe to call from many threads at once."""
+
+    def __init__(self, store: JobStore, engine: Engine, tokenizer: ChatTokenizer,
+                 worker_name: str, cancel_poll_seconds: float, chunk_seconds: float = 0.0,
+                 cancels: Notifier | None = None):
+        self._store, self._engine, self._tokenizer = store, engine, tokenizer
+        self._worker_name = worker_name
+        self._cancel_poll, self._chunk_seconds = cancel_poll_seconds, chunk_seconds
+        self._cancels = cancels  # pub/sub cancel messages; without it, polling alone
+
+    def run(self, job: Job) -> None:
+        """Run a job to its end; every failure becomes an error event, never an exception."""
+        if self._finished_before(job.id):
+            logger.info("job %s already finished; skipping the redelivered task", job.id)
+            return
+        clock = Clock(created=job.created_at)
+        self._store.append(job.id, StatusEvent(JobState.STARTED, self._worker_name))
+        with in_flight(job.model, clock):
+            outcome = self._outcome(job, clock)
+        observe_job(job, outcome)  # before the terminal event, so a reader sees it counted
+        self._store.append(job.id, outcome)
+
+    def _outcome(self, job: Job, clock: Clock) -> DoneEvent | ErrorEvent:
+        """Generate, and describe how it ended as the job's terminal event."""
+        vocab_size = self._tokenizer.vocab_size
+        if not all(0 <= token < vocab_size for token in job.prompt_token_ids):
+            return ErrorEvent(ErrorBody("the prompt holds token ids outside the model's vocabulary",
+                                        "invalid_request_error", "invalid_prompt_tokens"))
+        try:
+            finish, usage = self._generate(job, clock)
+        except Exception as exc:  # the boundary: the worker must go on serving
+            logger.exception("job %s failed", job.id)
+            return ErrorEvent(ErrorBody(f"generation failed: {type(exc).__name__}",
+                                        "server_error", "generation_failed"))
+        return DoneEvent(finish, usage, clock.timings(usage.completion_tokens))
+
+    def _finished_before(self, job_id: str) -> bool:
+        last = self._store.last_event(job_id)
+        return last is not None and is_terminal(last)
+
+    def _generate(self, job: Job, clock: Clock) -> tuple[FinishReason, Usage]:
+        """Stream tokens as events until the engine, a stop sequence or a cancel ends the job."""
+        chunks = ChunkBuffer(lambda text: self._emit(job.id, text, clock), self._chunk_seconds)
+        with self._cancel_event(job.id) as event:
+            cancelled = CancelCheck(self._store, job.id, self._cancel_poll, event)
+            finish, completion = FinishReason.CANCELLED, 0
+            if not cancelled():
+                finish, completion = self._decode(job, chunks, cancelled)
+        chunks.flush()
+        return finish, Usage(len(job.prompt_token_ids), completion)
+
+    def _decode(self, job: Job, chunks: ChunkBuffer,
+                cancelled: CancelCheck) -> tuple[FinishReason, int]:
+        """Feed engine steps through the decoder and the stop matcher into chunks."""
+        decoder = IncrementalDecoder(self._tokenizer.decode)
+        stops = StopMatcher(job.params.stop)
+        completion, finish = 0, FinishReason.CANCELLED
+        with closing(self._engine.stream(job.prompt_token_ids, job.params,
+                                         cancelled.event)) as steps:
+            for step in steps:
+                hit = False
+                if step.token_id is not None:
+                    completion += 1
+                    text, hit = stops.feed(decoder.push(step.token_id))
+                    chunks.push(text)
+                finish = FinishReason.STOP_SEQUENCE if hit else step.finish
+                if finish is None and cancelled():
+                    finish = FinishReason.CANCELLED
+                if finish is not None:
+                    break
+        chunks.push(stops.flush())
+        return finish, completion
+
+    @contextmanager
+    def _cancel_event(self, job_id: str) -> Iterator[threading.Event]:
+        """An event set when a cancel message for the job arrives (while the job runs)."""
+        if self._cancels is None:
+            yield threading.Event()
+            return
+        event = self._cancels.watch(job_id)
+        try:
+            yield event
+        finally:
+            self._cancels.unwatch(job_id, event)
+
+    def _emit(self, job_id: str, text: str, clock: Clock) -> None:
+        if text:
+            clock.first_token = clock.first_token or time.time()
+            self._store.append(job_id, TokenEvent(text))

@@ -1,0 +1,143 @@
+"""Per-process worker resources: the model, loaded once when the worker starts.
+
+A Celery bootstep does it, because the threads pool (which we use, so that many jobs share
+one model) sends no worker_process_init. The step starts before the consumer, so no task
+arrives before the model is ready. Use the threads or solo pool: prefork would load the
+model in the parent and fork it (and CUDA must not be initialised before a fork).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import redis
+from celery import bootsteps
+from celery.signals import worker_shutdown
+
+from dawet.settings import get_settings, pin_gpu
+from model_store.registry import ModelSpec, load_registry
+from tasks.brokerfix import tolerate_detached_channels
+from tasks.guard import build_guard
+from tasks.metrics import heartbeat_marked, report_engine_stats, start_worker_metrics
+from tasks.workers import Heartbeat, WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    spec: ModelSpec
+    runner: object  # tasks.runner.JobRunner, imported lazily with torch
+    engine: object  # tasks.engine.Engine
+    started_at: float
+    guard: object = None  # tasks.guard.JobGuard: leases and deadlines around the runner
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def current_runtime() -> WorkerRuntime:
+    """The runtime of this worker process; tasks fail clearly if the model is not loaded."""
+    if _runtime is None:
+        raise RuntimeError("this worker has no model loaded (start it with `dawet worker`)")
+    return _runtime
+
+
+class ModelStep(bootsteps.StartStopStep):
+    """Loads the worker's model at start, consumes its queue, and keeps a heartbeat."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker, model: str | None = None, gpu: str | None = None, **options):
+        super().__init__(worker, **options)
+        pin_gpu(gpu)  # before anything imports torch
+        tolerate_detached_channels()
+        settings = get_settings()
+        registry = load_registry(settings.models_file, settings.default_model)
+        self.spec = registry.get(model)
+        if self.spec is None:
+            raise SystemExit(f"unknown model {model!r}; the registry has {sorted(registry.models)}")
+        worker.app.amqp.queues.select([self.spec.queue])
+        self.heartbeat: Heartbeat | None = None
+
+    def start(self, worker) -> None:
+        global _runtime
+        settings = get_settings()
+        client = redis.Redis.from_url(settings.redis_url_or_fallback())
+        runner, engine, loaded = _build_runner(self.spec, client, worker.hostname)
+        guard = build_guard(settings, worker.app, client, runner, worker.hostname)
+        _runtime = WorkerRuntime(self.spec, runner, engine, time.time(), guard)
+        record = _record_fn(self.spec, worker.hostname, loaded.device, loaded.load_seconds)
+        record = heartbeat_marked(self.spec.name, worker.hostname, record)
+        self.heartbeat = Heartbeat(WorkerRegistry(client, settings.heartbeat_seconds), record)
+        self.heartbeat.start()
+        start_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port,
+                             self.spec.name, worker.hostname, loaded)
+        logger.info("worker %s serves %s from queue %s", worker.hostname, self.spec.name,
+                    self.spec.queue)
+
+    def stop(self, worker) -> None:
+        # Steps stop before the pool drains its running tasks, so the engine must stay up here
+        # (a SIGTERM lets running jobs finish): _close_engine runs after the drain.
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+
+@worker_shutdown.connect
+def _close_engine(**_) -> None:
+    """Stop the engine's threads once the worker has stopped and its pool has drained."""
+    if _runtime is not None:
+        _runtime.engine.close()
+
+
+def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
+    """Load the model and wire engine, job store, cancel listener and runner (imports torch)."""
+    from model_store.loader import load_model
+    from tasks.joblog import CANCEL_PATTERN, JobStore, Notifier
+    from tasks.runner import JobRunner
+
+    settings = get_settings()
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(spec)
+    engine = _build_engine(loaded)
+    cancels = Notifier(client, CANCEL_PATTERN, wake_all_on_loss=False)
+    cancels.start()
+    runner = JobRunner(JobStore(client, settings.job_ttl_seconds), engine, loaded.tokenizer,
+                       worker_name, settings.cancel_poll_seconds, settings.stream_chunk_seconds,
+                       cancels)
+    return runner, engine, loaded
+
+
+def _build_engine(loaded):
+    """The engine the settings choose: continuous batching, or one job at a time."""
+    from tasks.batching import BatchingEngine
+    from tasks.engine import SequentialEngine
+
+    settings = get_settings()
+    logger.info("engine: %s (max batch %d, KV budget %d tokens)", settings.engine,
+                settings.max_batch_size, settings.kv_cache_tokens)
+    if settings.engine == "sequential":
+        return SequentialEngine(loaded)
+    engine = BatchingEngine(loaded, settings.max_batch_size, settings.kv_cache_tokens)
+    report_engine_stats(engine.stats)
+    return engine
+
+
+def _record_fn(spec: ModelSpec, worker_name: str, device, load_seconds: float):
+    """A function producing this worker's liveness record for each heartbeat."""
+    from model_store.loader import load_count
+
+    started_at = time.time()
+
+    def record() -> dict:
+        return {"worker": worker_name, "model": spec.name, "pid": os.getpid(),
+                "device": str(device), "model_loads": load_count(),
+                "load_seconds": round(load_seconds, 3), "started_at": started_at,
+                "heartbeat_at": time.time()}
+
+    return record

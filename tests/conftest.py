@@ -1,0 +1,91 @@
+"""Fixtures: one real stack per session (its own Redis, a Celery worker, gunicorn), and clients."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import websocket
+
+from dawet.processes import Stack, free_port
+from dawet.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_FILE = ROOT / "models.toml"
+ARTIFACTS = ROOT / "test-artifacts"
+DEMO_MODEL = "dawet-demo"
+
+
+def _require_demo_model() -> None:
+    if not (ROOT / "var/models/BUILD_INFO.json").exists():
+        pytest.exit("the demo model is missing: run `make demo-model` (make test does)", 2)
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Settings:
+    """Settings for the test stack: a free port and never the machine's Redis."""
+    return Settings(redis_url=None, broker_url=None, models_file=MODELS_FILE,
+                    default_model=DEMO_MODEL, api_port=free_port(), api_workers=2,
+                    worker_concurrency=4, heartbeat_seconds=1.0, log_level="INFO")
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings: Settings) -> Iterator[Stack]:
+    """Redis, one worker for the demo model and the API, as `dawet run` starts them."""
+    _require_demo_model()
+    log_dir = ARTIFACTS / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in log_dir.glob("*.log"):
+        old.unlink()
+    running = Stack(stack_settings, log_dir=log_dir).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_client(stack: Stack) -> redis.Redis:
+    return redis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
+
+
+@pytest.fixture()
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.api_url, timeout=30) as client:
+        yield client
+
+
+def submit(api: httpx.Client, **body) -> dict:
+    """POST /v1/generate and return the 202 body."""
+    response = api.post("/v1/generate", json={"model": DEMO_MODEL, **body})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def stream_events(url: str, timeout: float = 60) -> list[dict]:
+    """Read every frame of a job stream until the server closes it."""
+    ws = websocket.create_connection(url, timeout=timeout)
+    events = []
+    try:
+        while True:
+            frame = ws.recv()
+            if not frame:
+                break
+            events.append(json.loads(frame))
+    except websocket.WebSocketConnectionClosedException:
+        pass
+    finally:
+        ws.close()
+    return events
+
+
+def token_text(events: list[dict]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "token")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline() -> None:
+    """No test may reach a model hub."""
+    os.environ["HF_HUB_OFFLINE"] = "1"

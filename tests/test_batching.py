@@ -1,0 +1,202 @@
+"""The batching engine on the real demo model (CPU), and the runner's streaming on real Redis."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import DEMO_MODEL, MODELS_FILE
+from model_store.loader import LoadedModel, load_model
+from model_store.registry import load_registry
+from tasks.batching import BatchingEngine
+from tasks.contract import FinishReason, Job, SamplingParams
+from tasks.engine import SequentialEngine, TokenStep
+from tasks.joblog import JobStore
+from tasks.runner import JobRunner
+
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return load_model(load_registry(MODELS_FILE).get(DEMO_MODEL))
+
+
+@pytest.fixture(scope="module")
+def engine(loaded: LoadedModel) -> Iterator[BatchingEngine]:
+    batching = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536)
+    yield batching
+    batching.close()
+
+
+def _prompts(loaded: LoadedModel) -> list[list[int]]:
+    """Prompts of different lengths, so rows in a batch are left-padded differently."""
+    words = ["rice", "tea", "the market", "a long way home", "Saya suka makan nasi"]
+    return [loaded.tokenizer.encode(f"Story {i}: " + " ".join(words[:1 + i % 5]) * (1 + i % 3))
+            for i in range(BATCH)]
+
+
+def _params(i: int, greedy: bool) -> SamplingParams:
+    """Per-request parameters that differ row to row."""
+    return SamplingParams(max_new_tokens=24 + i, min_new_tokens=(i % 3) * 8,
+                          temperature=0.0 if greedy else 0.5 + (i % 4) * 0.2,
+                          top_p=1.0 if i % 2 else 0.9, top_k=(i % 3) * 10,
+                          repetition_penalty=1.0 + (i % 4) * 0.1, seed=1000 + i)
+
+
+def _tokens(steps: Iterator[TokenStep]) -> list[int | None]:
+    return [step.token_id for step in steps]
+
+
+def _alone(loaded: LoadedModel, greedy: bool) -> list[list[int | None]]:
+    sequential = SequentialEngine(loaded)
+    return [_tokens(sequential.stream(p, _params(i, greedy))) for i, p in enumerate(_prompts(loaded))]
+
+
+def _together(engine: BatchingEngine, loaded: LoadedModel, greedy: bool) -> list[list[int | None]]:
+    """Submit every request before reading any, so they decode as one batch."""
+    streams = [engine.stream(p, _params(i, greedy)) for i, p in enumerate(_prompts(loaded))]
+    with ThreadPoolExecutor(len(streams)) as pool:
+        return list(pool.map(_tokens, streams))
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded-sampling"])
+def test_a_request_yields_the_same_tokens_alone_or_in_a_batch_of_16(engine, loaded, greedy):
+    lengths = [len(p) for p in _prompts(loaded)]
+    assert 1 < len(set(lengths)) < len(lengths)  # both padding and same-length prefill groups
+    alone = _alone(loaded, greedy)
+    first = engine.step_count
+    together = _together(engine, loaded, greedy)
+    assert together == alone
+    assert max(size for step, size in engine.batch_sizes if step > first) == BATCH
+    assert len({len(tokens) for tokens in together}) > 1  # rows left the batch at different steps
+
+
+def test_the_batch_never_exceeds_its_size_or_kv_budget(loaded):
+    params = SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0.0, top_p=1.0)
+    prompt = loaded.tokenizer.encode("Hello there")
+    small = BatchingEngine(loaded, max_batch_size=3, kv_cache_tokens=4 * (len(prompt) + 40))
+    try:
+        streams = [small.stream(prompt, params) for _ in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            outputs = list(pool.map(_tokens, streams))
+        assert all(len(tokens) == 40 for tokens in outputs)
+        assert max(size for _, size in small.batch_sizes) == 3
+        with pytest.raises(ValueError, match="KV-cache budget"):
+            small.stream(prompt, params.model_copy(update={"max_new_tokens": 500}))
+    finally:
+        small.close()
+
+
+def test_stats_report_the_batch_the_queue_and_the_kv_share(loaded):
+    params = SamplingParams(max_new_tokens=200, min_new_tokens=200, temperature=0.0, top_p=1.0)
+    prompt = loaded.tokenizer.encode("Hello there")
+    budget = 2 * (len(prompt) + 200)
+    small = BatchingEngine(loaded, max_batch_size=2, kv_cache_tokens=budget)
+    try:
+        assert small.stats().batch_size == 0 and small.stats().kv_cache_usage == 0.0
+        streams = [small.stream(prompt, params) for _ in range(3)]
+        for stream in streams[:2]:
+            next(stream)
+        while small.running < 2:  # the first token comes from the prefill, before the row joins
+            time.sleep(0.001)
+        stats = small.stats()
+        assert (stats.batch_size, stats.waiting) == (2, 1)
+        assert 2 * len(prompt) / budget <= stats.kv_cache_usage <= 1.0
+        for stream in streams:
+            stream.close()
+    finally:
+        small.close()
+
+
+def test_a_cancelled_request_leaves_the_batch_by_the_next_step(engine, loaded):
+    params = SamplingParams(max_new_tokens=400, min_new_tokens=400, temperature=0.0, top_p=1.0)
+    cancels = [threading.Event() for _ in range(3)]
+    streams = [engine.stream(loaded.tokenizer.encode(f"Job {i}"), params, c)
+               for i, c in enumerate(cancels)]
+    for stream in streams:
+        next(stream)
+    while engine.running < 3:
+        time.sleep(0.001)
+    cancels[0].set()
+    last_started = engine.step_count  # the step after it may already hold the row: in flight
+    assert list(streams[0])[-1] == TokenStep(None, FinishReason.CANCELLED)
+    while engine.step_count <= last_started + 2:
+        time.sleep(0.001)
+    sizes = dict(engine.batch_sizes)
+    assert sizes[last_started + 2] == 2
+    for stream in streams[1:]:
+        stream.close()  # abandoning frees the slots too
+    while engine.running:
+        time.sleep(0.001)
+
+
+def test_the_scheduler_blocks_when_idle(engine):
+    while engine.running:
+        time.sleep(0.001)
+    steps = engine.step_count
+    time.sleep(0.3)
+    assert engine.step_count == steps
+
+
+class PacedEngine:
+    """The real engine, read no faster than one step per `seconds`: a busy worker's pace."""
+
+    def __init__(self, engine: BatchingEngine, seconds: float):
+        self._engine, self._seconds = engine, seconds
+
+    def stream(self, prompt_ids, params, cancel=None):
+        for step in self._engine.stream(prompt_ids, params, cancel):
+            time.sleep(self._seconds)
+            yield step
+
+
+def _run_job(redis_client, engine, loaded, params: SamplingParams, chunk_seconds: float,
+             prompt: str = "Once upon a time") -> list[dict]:
+    """Run one job through a real JobRunner into a real Redis log; return its events."""
+    store = JobStore(redis_client, 600)
+    job = Job(model=DEMO_MODEL, prompt_token_ids=loaded.tokenizer.encode(prompt), params=params)
+    store.create(job)
+    JobRunner(store, engine, loaded.tokenizer, "test", 0.5, chunk_seconds).run(job)
+    return store.read(job.id)
+
+
+def _texts(events: list[dict]) -> list[str]:
+    return [e["text"] for e in events if e["type"] == "token"]
+
+
+GREEDY_64 = SamplingParams(max_new_tokens=64, min_new_tokens=64, temperature=0.0, top_p=1.0)
+
+
+def test_chunking_coalesces_tokens_but_sends_the_first_at_once(redis_client, engine, loaded):
+    per_token = _texts(_run_job(redis_client, engine, loaded, GREEDY_64, 0.0))
+    started = time.monotonic()
+    chunked = _texts(_run_job(redis_client, PacedEngine(engine, 0.005), loaded, GREEDY_64, 0.1))
+    elapsed = time.monotonic() - started
+    assert len(per_token) > 32 and "".join(chunked) == "".join(per_token)
+    assert chunked[0] == per_token[0]  # the first token was not held back
+    assert 2 <= len(chunked) <= elapsed / 0.1 + 2 < len(per_token)
+
+
+def _first_unique_window(text: str, size: int) -> str:
+    """A window after the start of `text` that occurs nowhere earlier in it."""
+    return next(text[i:i + size] for i in range(size, len(text) - size)
+                if text.index(text[i:i + size]) == i and text[i:i + size].strip())
+
+
+def test_a_stop_sequence_split_across_tokens_is_never_streamed(redis_client, engine, loaded):
+    params = SamplingParams(max_new_tokens=64, min_new_tokens=48, temperature=0.8, top_p=0.95,
+                            seed=7)
+    pieces = _texts(_run_job(redis_client, engine, loaded, params, 0.0))  # one per token
+    full = "".join(pieces)
+    assert len(full) > 24, pieces
+    stop = _first_unique_window(full, 4)
+    start, ends = full.index(stop), {len("".join(pieces[:i])) for i in range(len(pieces))}
+    assert any(start < end < start + len(stop) for end in ends)  # it spans a token boundary
+    events = _run_job(redis_client, engine, loaded, params.model_copy(update={"stop": (stop,)}), 0.0)
+    streamed = "".join(_texts(events))
+    assert streamed == full[:full.index(stop)]
+    assert stop not in streamed and events[-1]["finish_reason"] == "stop_sequence"
