@@ -318,7 +318,15 @@
     document.body.dataset.ready = "true";
   }
 
-  // For tests and the curious: drop the socket as a flaky network would.
-  window.dawetChat = {dropConnection: () => state.socket && state.socket.close()};
+  // For tests and the curious: drop the socket as a flaky network would. A dead network
+  // delivers nothing more, while Chromium still hands over frames during the close handshake.
+  window.dawetChat = {
+    dropConnection: () => {
+      const socket = state.socket;
+      if (!socket) return;
+      socket.onmessage = null;
+      socket.close();
+    },
+  };
   start();
 })();
