@@ -1,8 +1,12 @@
 """Fixtures: one real stack per session (its own Redis, a Celery worker, gunicorn), and clients."""
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +93,30 @@ def token_text(events: list[dict]) -> str:
 def _offline() -> None:
     """No test may reach a model hub."""
     os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+EXIT_GRACE_SECONDS = 60
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+def pytest_unconfigure(config) -> None:
+    """If the interpreter has not exited a minute after the run, print every thread's stack and
+    exit with the run's status: a hang at exit must not cost CI its whole time limit."""
+    status = config.stash.get(_EXIT_STATUS, 1)
+
+    def watchdog() -> None:
+        time.sleep(EXIT_GRACE_SECONDS)
+        print(f"pytest had not exited {EXIT_GRACE_SECONDS}s after the run; threads:",
+              file=sys.__stderr__, flush=True)
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        os._exit(status)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
+    # If no Python thread can run any more, the C-level timer still dumps the stacks and exits.
+    faulthandler.dump_traceback_later(EXIT_GRACE_SECONDS + 30, exit=True, file=sys.__stderr__)
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
