@@ -22,7 +22,8 @@ from model_store.registry import ModelSpec, Registry, load_registry
 from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
 from tasks.celery_app import create_celery, send_job
 from tasks.contract import ErrorBody, ErrorEvent, Job, JobState, SamplingParams, StatusEvent
-from tasks.joblog import JobStore, Notifier, StreamIdle, follow
+from tasks.feed import JobFeed, StreamIdle, follow
+from tasks.joblog import JobStore
 from tasks.workers import WorkerRegistry
 
 STREAM_IDLE = ErrorBody("no event from the worker within the stream idle timeout",
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 class Services:
-    """Registry, Redis job store, notifier, worker records and the Celery producer."""
+    """Registry, Redis job store, job feed, worker records and the Celery producer."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -41,7 +42,7 @@ class Services:
         self.redis = redis.Redis.from_url(settings.redis_url_or_fallback(),
                                           socket_timeout=5, socket_connect_timeout=2)
         self.store = JobStore(self.redis, settings.job_ttl_seconds)
-        self.notifier = Notifier(redis.Redis.from_url(settings.redis_url_or_fallback()))
+        self.feed = JobFeed(redis.Redis.from_url(settings.redis_url_or_fallback()))
         self.workers = WorkerRegistry(self.redis, settings.heartbeat_seconds)
         self.conversations = ConversationStore(self.redis, settings.conversation_ttl_seconds)
         self.celery: Celery = create_celery(settings)
@@ -128,7 +129,7 @@ class Services:
     def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """A job's events after `after` until done or error; going idle ends with an error."""
         try:
-            yield from follow(self.store, self.notifier, job_id, after,
+            yield from follow(self.store, self.feed, job_id, after,
                               self.settings.stream_idle_timeout_seconds)
         except StreamIdle:
             yield ErrorEvent(STREAM_IDLE).to_dict()

@@ -2,42 +2,36 @@
 
 Each job has a hash (`dawet:job:{id}`, holding the job and the last sequence number) and a
 Stream (`dawet:job:{id}:log`) whose entry ids are `<seq>-0`, so "replay after seq N" is a
-plain XRANGE. Appends also PUBLISH the seq on `dawet:wake:<id>`; one subscriber thread per
-process wakes every follower of that job, so a follower holds no Redis connection while it
-waits. Pub/sub may drop a message; followers re-read the Stream after every wake-up and on
-a short timer, so nothing is lost.
+plain XRANGE. Appends also PUBLISH "<seq> <event>" on `dawet:wake:<id>`, which followers
+take live (tasks/feed.py).
 """
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import redis
 
-from tasks.contract import Event, Job, is_terminal
+from tasks.contract import Event, Job
 
 logger = logging.getLogger(__name__)
 
-WAKE_PATTERN = "dawet:wake:*"
 CANCEL_PATTERN = "dawet:cancel:*"
-RECHECK_SECONDS = 1.0  # re-read the log this often even without a wake-up
+RETRY_SECONDS = 1.0  # between attempts to re-subscribe after losing Redis
+WRITE_BATCH = 256  # the most events EventWriter sends in one round trip
 
 _APPEND = """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], seq .. '-0', 'event', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], seq)
+redis.call('PUBLISH', ARGV[3], seq .. ' ' .. ARGV[1])
 return seq
 """
-
-
-class StreamIdle(Exception):
-    """No event arrived within the idle timeout."""
 
 
 def _job_key(job_id: str) -> str:
@@ -52,7 +46,7 @@ def _cancel_key(job_id: str) -> str:
     return f"{_job_key(job_id)}:cancel"
 
 
-def _wake_channel(job_id: str) -> str:
+def wake_channel(job_id: str) -> str:
     return f"dawet:wake:{job_id}"
 
 
@@ -83,9 +77,18 @@ class JobStore:
 
     def append(self, job_id: str, event: Event) -> int:
         """Append an event and wake followers; returns its sequence number."""
-        keys = [_job_key(job_id), _log_key(job_id)]
-        return int(self._append(keys=keys, args=[json.dumps(event.to_dict()), self.ttl,
-                                                 _wake_channel(job_id)]))
+        return int(self._append(**self._append_call(job_id, event)))
+
+    def append_many(self, events: list[tuple[str, Event]]) -> None:
+        """Append (job id, event) pairs in one round trip, each job's in the given order."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, event in events:
+                self._append(**self._append_call(job_id, event), client=pipe)
+            pipe.execute()
+
+    def _append_call(self, job_id: str, event: Event) -> dict[str, list]:
+        return {"keys": [_job_key(job_id), _log_key(job_id)],
+                "args": [json.dumps(event.to_dict()), self.ttl, wake_channel(job_id)]}
 
     def read(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """Events with seq > after, in order, each with its `seq`."""
@@ -108,6 +111,64 @@ class JobStore:
         return bool(self.redis.exists(_cancel_key(job_id)))
 
 
+class EventWriteFailed(RuntimeError):
+    """An event of the job could not be written to its log."""
+
+
+class EventWriter:
+    """Appends the token events of all of a worker's jobs from one thread, many per round trip.
+
+    Runner threads queue events without waiting for Redis; the writer sends all that queued up
+    meanwhile as one pipeline, so under load a whole decode step's events cost one round trip
+    instead of one each. A job's events are written in order; `flush` waits for them and
+    raises if one could not be written, so a job never ends with a hole in its text.
+    """
+
+    def __init__(self, store: JobStore):
+        self._store = store
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._failed: dict[str, Exception] = {}
+        threading.Thread(target=self._run, name="dawet-event-writer", daemon=True).start()
+
+    def send(self, job_id: str, event: Event) -> None:
+        """Queue an event for the job's log; raises if an earlier one failed to be written."""
+        if job_id in self._failed:
+            raise EventWriteFailed(job_id) from self._failed[job_id]
+        self._queue.put((job_id, event))
+
+    def flush(self, job_id: str) -> None:
+        """Wait until the job's queued events are written; raise if one of them was not."""
+        written = threading.Event()
+        self._queue.put((job_id, written))
+        written.wait()
+        failure = self._failed.pop(job_id, None)
+        if failure is not None:
+            raise EventWriteFailed(job_id) from failure
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < WRITE_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[str, Any]]) -> None:
+        events = [(job_id, item) for job_id, item in batch if not isinstance(item, threading.Event)]
+        try:
+            if events:
+                self._store.append_many(events)
+        except Exception as exc:  # noqa: BLE001 - reported to each job's runner at its flush
+            logger.warning("could not write %d job events: %s", len(events), exc)
+            for job_id, _ in events:
+                self._failed[job_id] = exc
+        for _, item in batch:
+            if isinstance(item, threading.Event):
+                item.set()
+
+
 def _decode(entry_id: bytes | str, fields: dict) -> dict[str, Any]:
     entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     raw = fields.get(b"event", fields.get("event"))
@@ -115,27 +176,32 @@ def _decode(entry_id: bytes | str, fields: dict) -> dict[str, Any]:
 
 
 class Notifier:
-    """One pub/sub subscription per process that wakes the followers of each job.
+    """One pattern subscription per process that sets an event per watched job on each message.
 
-    With the cancel pattern, a worker's runner watches its running jobs' cancel messages. A
-    lost connection wakes every follower only when `wake_all_on_loss` (they re-read the log);
-    cancels must not, so their fallback is the runner polling the cancel flag.
+    Give it a client of its own: a listener thread must share no connection pool with threads
+    that outlive it (a pool lock held by a daemon thread frozen at exit deadlocks the exit).
+
+    A worker's runner uses it to hear its running jobs' cancel messages. A lost connection
+    sets nothing: a cancel missed then is caught by the runner polling the cancel flag.
     """
 
-    def __init__(self, client: redis.Redis, pattern: str = WAKE_PATTERN,
-                 wake_all_on_loss: bool = True):
+    def __init__(self, client: redis.Redis, pattern: str = CANCEL_PATTERN):
         self._client, self._pattern = client, pattern
-        self._wake_all_on_loss = wake_all_on_loss
         self._waiters: dict[str, set[threading.Event]] = defaultdict(set)
         self._lock = threading.Lock()
         self._started = False
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Stop listening within a second and drop the connection."""
+        self._closed.set()
 
     def start(self) -> None:
         """Subscribe now instead of at the first watch."""
         self._ensure_started()
 
     def watch(self, job_id: str) -> threading.Event:
-        """Register interest in a job; the returned event is set on each append."""
+        """Register interest in a job; the returned event is set on each of its messages."""
         self._ensure_started()
         wake = threading.Event()
         with self._lock:
@@ -157,18 +223,19 @@ class Notifier:
                 threading.Thread(target=self._run, name="dawet-notifier", daemon=True).start()
 
     def _run(self) -> None:
-        """Listen forever; on a lost connection, wake everyone (they re-read) and retry."""
-        while True:
+        """Listen until closed; on a lost connection, retry (redis-py re-subscribes)."""
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        while not self._closed.is_set():
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-                pubsub.psubscribe(self._pattern)
-                for message in pubsub.listen():
+                if not pubsub.subscribed:
+                    pubsub.psubscribe(self._pattern)
+                message = pubsub.get_message(timeout=RETRY_SECONDS)
+                if message is not None:
                     self._wake(message["channel"])
             except redis.RedisError:
-                logger.warning("job notifier lost Redis; retrying")
-                if self._wake_all_on_loss:
-                    self._wake_all()
-                threading.Event().wait(RECHECK_SECONDS)
+                logger.warning("cancel listener lost Redis; retrying")
+                self._closed.wait(RETRY_SECONDS)
+        pubsub.close()
 
     def _wake(self, channel: bytes | str) -> None:
         channel = channel.decode() if isinstance(channel, bytes) else channel
@@ -177,41 +244,3 @@ class Notifier:
             waiters = list(self._waiters.get(job_id, ()))
         for wake in waiters:
             wake.set()
-
-    def _wake_all(self) -> None:
-        with self._lock:
-            waiters = [w for group in self._waiters.values() for w in group]
-        for wake in waiters:
-            wake.set()
-
-
-def _ended_by(last: dict[str, Any] | None, after: int) -> bool:
-    return last is not None and is_terminal(last) and last["seq"] <= after
-
-
-def follow(store: JobStore, notifier: Notifier, job_id: str, after: int,
-           idle_timeout: float) -> Iterator[dict[str, Any]]:
-    """Replay events after `after`, then follow live until a terminal event.
-
-    Raises StreamIdle when no event arrives for `idle_timeout` seconds.
-    """
-    wake = notifier.watch(job_id)
-    try:
-        idle = 0.0
-        while True:
-            wake.clear()  # before reading, so an append during the read still wakes us
-            events = store.read(job_id, after)
-            for event in events:
-                yield event
-                if is_terminal(event):
-                    return
-            if not events and _ended_by(store.last_event(job_id), after):
-                return  # a reader that resumes after the last event of a finished job
-            after = events[-1]["seq"] if events else after
-            idle = 0.0 if events else idle
-            if not wake.wait(RECHECK_SECONDS):
-                idle += RECHECK_SECONDS
-                if idle >= idle_timeout:
-                    raise StreamIdle(job_id)
-    finally:
-        notifier.unwatch(job_id, wake)

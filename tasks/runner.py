@@ -12,7 +12,7 @@ from model_store.tokenizer import ChatTokenizer
 from tasks.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
                             StatusEvent, TokenEvent, Usage, is_terminal)
 from tasks.engine import Engine
-from tasks.joblog import JobStore, Notifier
+from tasks.joblog import EventWriter, JobStore, Notifier
 from tasks.metrics import in_flight, observe_job
 from tasks.textstream import IncrementalDecoder, StopMatcher
 
@@ -88,6 +88,7 @@ class JobRunner:
         self._worker_name = worker_name
         self._cancel_poll, self._chunk_seconds = cancel_poll_seconds, chunk_seconds
         self._cancels = cancels  # pub/sub cancel messages; without it, polling alone
+        self._events = EventWriter(store)  # token events; status and terminal ones go direct
 
     def run(self, job: Job) -> None:
         """Run a job to its end; every failure becomes an error event, never an exception."""
@@ -122,12 +123,15 @@ class JobRunner:
     def _generate(self, job: Job, clock: Clock) -> tuple[FinishReason, Usage]:
         """Stream tokens as events until the engine, a stop sequence or a cancel ends the job."""
         chunks = ChunkBuffer(lambda text: self._emit(job.id, text, clock), self._chunk_seconds)
-        with self._cancel_event(job.id) as event:
-            cancelled = CancelCheck(self._store, job.id, self._cancel_poll, event)
-            finish, completion = FinishReason.CANCELLED, 0
-            if not cancelled():
-                finish, completion = self._decode(job, chunks, cancelled)
-        chunks.flush()
+        try:
+            with self._cancel_event(job.id) as event:
+                cancelled = CancelCheck(self._store, job.id, self._cancel_poll, event)
+                finish, completion = FinishReason.CANCELLED, 0
+                if not cancelled():
+                    finish, completion = self._decode(job, chunks, cancelled)
+            chunks.flush()
+        finally:
+            self._events.flush(job.id)  # every token is in the log before the terminal event
         return finish, Usage(len(job.prompt_token_ids), completion)
 
     def _decode(self, job: Job, chunks: ChunkBuffer,
@@ -167,4 +171,4 @@ class JobRunner:
     def _emit(self, job_id: str, text: str, clock: Clock) -> None:
         if text:
             clock.first_token = clock.first_token or time.time()
-            self._store.append(job_id, TokenEvent(text))
+            self._events.send(job_id, TokenEvent(text))

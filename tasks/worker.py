@@ -105,7 +105,7 @@ def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
         torch.set_num_threads(settings.torch_threads)
     loaded = load_model(spec)
     engine = _build_engine(loaded)
-    cancels = Notifier(client, CANCEL_PATTERN, wake_all_on_loss=False)
+    cancels = Notifier(redis.Redis.from_url(settings.redis_url_or_fallback()), CANCEL_PATTERN)
     cancels.start()
     runner = JobRunner(JobStore(client, settings.job_ttl_seconds), engine, loaded.tokenizer,
                        worker_name, settings.cancel_poll_seconds, settings.stream_chunk_seconds,

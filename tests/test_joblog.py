@@ -1,13 +1,18 @@
 """The per-job event log on a real Redis: sequence numbers, replay, live follow, expiry."""
 from __future__ import annotations
 
+import json
 import threading
+import time
+from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tasks.contract import (DoneEvent, FinishReason, Job, JobState, SamplingParams, StatusEvent,
                             TokenEvent, Usage)
-from tasks.joblog import JobStore, Notifier, StreamIdle, follow
+from tasks.feed import JobFeed, StreamIdle, follow
+from tasks.joblog import EventWriteFailed, EventWriter, JobStore, wake_channel
 
 PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0)
 
@@ -15,6 +20,14 @@ PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0)
 @pytest.fixture()
 def store(redis_client) -> JobStore:
     return JobStore(redis_client, ttl_seconds=600)
+
+
+@pytest.fixture()
+def feed(stack) -> Iterator[JobFeed]:
+    """A feed on a client of its own, closed after the test (as tasks/feed.py asks)."""
+    opened = JobFeed(redis.Redis.from_url(stack.settings.redis_url))
+    yield opened
+    opened.close()
 
 
 def _new_job(store: JobStore) -> Job:
@@ -37,12 +50,11 @@ def test_appends_number_events_from_one_and_replay_from_any_point(store, redis_c
     assert store.load(job.id) == job
 
 
-def test_follow_replays_then_follows_live_until_the_end(store, redis_client):
+def test_follow_replays_then_follows_live_until_the_end(store, feed):
     job = _new_job(store)
     store.append(job.id, StatusEvent(JobState.QUEUED))
-    notifier = Notifier(redis_client)
     seen: list[dict] = []
-    reader = threading.Thread(target=lambda: seen.extend(follow(store, notifier, job.id, 0, 10)))
+    reader = threading.Thread(target=lambda: seen.extend(follow(store, feed, job.id, 0, 10)))
     reader.start()
     for text in ("x", "y"):
         store.append(job.id, TokenEvent(text))
@@ -51,16 +63,16 @@ def test_follow_replays_then_follows_live_until_the_end(store, redis_client):
     assert [e["seq"] for e in seen] == [1, 2, 3, 4] and seen[-1]["type"] == "done"
 
 
-def test_follow_after_the_last_event_of_a_finished_job_ends_at_once(store, redis_client):
+def test_follow_after_the_last_event_of_a_finished_job_ends_at_once(store, feed):
     job = _new_job(store)
     store.append(job.id, _done())
-    assert list(follow(store, Notifier(redis_client), job.id, 1, idle_timeout=30)) == []
+    assert list(follow(store, feed, job.id, 1, idle_timeout=30)) == []
 
 
-def test_follow_gives_up_on_a_silent_job(store, redis_client):
+def test_follow_gives_up_on_a_silent_job(store, feed):
     job = _new_job(store)
     with pytest.raises(StreamIdle):
-        list(follow(store, Notifier(redis_client), job.id, 0, idle_timeout=1))
+        list(follow(store, feed, job.id, 0, idle_timeout=1))
 
 
 def test_cancel_sets_a_flag_the_worker_reads(store):
@@ -68,3 +80,115 @@ def test_cancel_sets_a_flag_the_worker_reads(store):
     assert not store.is_cancelled(job.id)
     store.cancel(job.id)
     assert store.is_cancelled(job.id)
+
+
+
+def _follow_in_thread(store: JobStore, feed: JobFeed, job_id: str) -> tuple[threading.Thread, list]:
+    seen: list[dict] = []
+
+    def read() -> None:
+        for event in follow(store, feed, job_id, 0, 10):
+            seen.append(event)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, seen
+
+
+def _wait_for(check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _subscribers(redis_client, job: Job) -> int:
+    return redis_client.pubsub_numsub(wake_channel(job.id))[0][1]
+
+
+def test_a_feed_subscribes_only_to_the_jobs_it_follows_and_leaves_when_done(store, feed,
+                                                                           redis_client):
+    followed, other = _new_job(store), _new_job(store)
+    reader, seen = _follow_in_thread(store, feed, followed.id)
+    _wait_for(lambda: _subscribers(redis_client, followed) == 1)
+    assert _subscribers(redis_client, other) == 0
+    store.append(followed.id, _done())
+    reader.join(10)
+    assert [e["type"] for e in seen] == ["done"]
+    _wait_for(lambda: _subscribers(redis_client, followed) == 0)
+
+
+def test_a_gap_in_the_published_sequence_is_filled_from_the_log(store, feed, redis_client):
+    job = _new_job(store)
+    reader, seen = _follow_in_thread(store, feed, job.id)
+    _wait_for(lambda: _subscribers(redis_client, job) == 1)
+    store.append(job.id, TokenEvent("a"))
+    _wait_for(lambda: len(seen) == 1)
+    # An append whose message is lost: same log entry, published where nobody listens.
+    JobStore(redis_client, 600)._append(keys=[f"dawet:job:{{{job.id}}}", f"dawet:job:{{{job.id}}}:log"],
+                                        args=[json.dumps(TokenEvent("b").to_dict()), 600, "lost"])
+    store.append(job.id, TokenEvent("c"))
+    store.append(job.id, _done())
+    reader.join(10)
+    assert [(e["seq"], e.get("text")) for e in seen] == [(1, "a"), (2, "b"), (3, "c"), (4, None)]
+
+
+def test_events_published_while_the_feed_is_disconnected_are_not_lost(store, redis_client, stack):
+    job = _new_job(store)
+    name = f"feed-{job.id}"
+    feed = JobFeed(redis.Redis.from_url(stack.settings.redis_url, client_name=name))
+    reader, seen = _follow_in_thread(store, feed, job.id)
+    store.append(job.id, TokenEvent("a"))
+    _wait_for(lambda: len(seen) == 1)
+    feed_id = next(c["id"] for c in redis_client.client_list() if c["name"] == name)
+    redis_client.execute_command("CLIENT", "KILL", "ID", feed_id)
+    for text in "bcd":
+        store.append(job.id, TokenEvent(text))
+    store.append(job.id, _done())
+    reader.join(10)
+    feed.close()
+    assert [e.get("text") for e in seen] == ["a", "b", "c", "d", None]
+
+
+def test_the_event_writer_appends_in_order_and_flush_waits_for_the_job(store):
+    jobs = [_new_job(store) for _ in range(3)]
+    writer = EventWriter(store)
+    for index in range(20):
+        for job in jobs:
+            writer.send(job.id, TokenEvent(f"{job.id[:4]}-{index}"))
+    for job in jobs:
+        writer.flush(job.id)
+        assert [e["text"] for e in store.read(job.id)] == [f"{job.id[:4]}-{i}" for i in range(20)]
+
+
+class _FailingOnce(JobStore):
+    """A store whose next batched write fails as a dropped Redis connection would."""
+
+    failures = 1
+
+    def append_many(self, events):
+        if self.failures:
+            self.failures -= 1
+            raise redis.ConnectionError("connection reset")
+        super().append_many(events)
+
+
+def test_a_failed_write_refuses_the_jobs_later_events_and_is_reported_at_its_flush(redis_client):
+    store = _FailingOnce(redis_client, 600)
+    job = _new_job(store)
+    writer = EventWriter(store)
+    writer.send(job.id, TokenEvent("lost"))
+
+    def refused() -> bool:
+        try:
+            writer.send(job.id, TokenEvent("later"))
+        except EventWriteFailed:
+            return True
+        return False
+
+    _wait_for(refused)
+    with pytest.raises(EventWriteFailed):
+        writer.flush(job.id)
+    writer.send(job.id, TokenEvent("kept"))  # reported once: a job that goes on may write again
+    writer.flush(job.id)
+    assert [e["text"] for e in store.read(job.id)][-1] == "kept"
