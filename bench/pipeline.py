@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -95,17 +96,19 @@ def pipeline_job(api_url: str, model: str, tokens: int) -> Callable[[int], tuple
 
 
 def engine_job(engine, tokenizer, tokens: int) -> Callable[[int], tuple[int, float]]:
-    """One job straight into an engine, in this process."""
+    """One job straight into an engine, in this process, its steps only counted."""
     from tasks.contract import SamplingParams
 
     def run(index: int) -> tuple[int, float]:
         params = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.7,
                                 top_p=0.95, seed=index)
-        started, first, count = time.perf_counter(), None, 0
-        for step in engine.stream(tokenizer.encode(f"{PROMPT} {index}"), params):
-            first = first or time.perf_counter() - started
-            count += step.token_id is not None
-        return count, first
+        started, marks = time.perf_counter(), []
+
+        def count(step) -> None:
+            marks.append((step.token_id is not None, time.perf_counter() - started))
+
+        engine.run(tokenizer.encode(f"{PROMPT} {index}"), params, threading.Event(), count)
+        return sum(produced for produced, _ in marks), marks[0][1]
 
     return run
 

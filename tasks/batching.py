@@ -1,12 +1,13 @@
 """Continuous batching: every running request shares one batched decode step per iteration.
 
-One scheduler thread owns the model. `stream()` queues a request and yields TokenSteps from
-that request's own queue. Each iteration the scheduler drops cancelled rows, admits waiting
-requests (prompts of equal length prefill together, never padded; the prefill's logits give
-the first token at once), merges their KV caches into the running batch (left padding, a 2D
-attention mask, explicit position ids), runs ONE decode step for all rows, samples each row
-with its request's own Sampler (batched, tasks/sampling.py), and evicts the rows that ended.
-Admission is bounded by a batch size and a KV-cache budget; the thread blocks when idle.
+One scheduler thread owns the model. `run()` queues a request and waits for its end. Each
+iteration the scheduler drops cancelled rows, admits waiting requests (prompts of equal length
+prefill together, never padded; the prefill's logits give the first token at once), merges their
+KV caches into the running batch (left padding, a 2D attention mask, explicit position ids),
+runs ONE decode step for all rows, samples each row with its request's own Sampler (batched,
+tasks/sampling.py), and evicts the rows that ended. The iteration's steps then go to one
+delivery thread, which hands them to the requests' sinks. Admission is bounded by a batch size
+and a KV-cache budget; the thread blocks when idle.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from model_store.loader import LoadedModel
 from tasks.contract import SamplingParams
-from tasks.engine import CANCELLED_STEP, TokenStep, step_for
+from tasks.engine import CANCELLED_STEP, StepSink, TokenStep, step_for
 from tasks.metrics import EngineStats
 from tasks.sampling import Sampler, sample_batch
 
@@ -34,13 +34,15 @@ HISTORY_STEPS = 4096  # how many recent batch sizes the engine remembers
 
 @dataclass(eq=False)
 class _Request:
-    """A submitted request and the queue its steps (or an exception) are delivered to."""
+    """A submitted request, the sink its steps go to, and how it ended."""
 
     prompt_ids: list[int]
     params: SamplingParams
     cancel: threading.Event
-    steps: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    abandoned: bool = False  # the consumer closed its iterator
+    sink: StepSink
+    finished: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    abandoned: bool = False  # the sink asked to stop, or failed
 
     @property
     def reserved_tokens(self) -> int:
@@ -49,6 +51,20 @@ class _Request:
     @property
     def stopped(self) -> bool:
         return self.abandoned or self.cancel.is_set()
+
+    def deliver(self, item: TokenStep | BaseException) -> None:
+        """On the delivery thread: hand a step to the sink, or end the request with an error."""
+        if self.finished.is_set():
+            return  # the sink already stopped it: nothing reaches it any more
+        try:
+            if isinstance(item, BaseException):
+                raise item
+            ended = bool(self.sink(item)) or item.finish is not None
+        except Exception as exc:  # a failing sink ends its own request only
+            self.error, ended = exc, True
+        if ended:
+            self.abandoned = True
+            self.finished.set()
 
 
 class _Sequence:
@@ -60,13 +76,12 @@ class _Sequence:
         self.length = len(request.prompt_ids)  # tokens so far, the last one not yet in the cache
         self.last_token = request.prompt_ids[-1]
 
-    def accept(self, token: int) -> bool:
-        """Deliver the step for a sampled token; return whether the sequence ended."""
+    def accept(self, token: int) -> TokenStep:
+        """The step for a sampled token; the sequence advances unless it ended."""
         step = step_for(token, self.sampler.produced, self.request.params, self._eos_ids)
         if step.token_id is not None:
             self.last_token, self.length = step.token_id, self.length + 1
-        self.request.steps.put(step)
-        return step.finish is not None
+        return step
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -130,7 +145,11 @@ def _same_length(requests: list[_Request]) -> list[list[_Request]]:
 
 
 class BatchingEngine:
-    """Continuous batching behind the Engine interface; safe to call from many threads."""
+    """Continuous batching behind the Engine interface; safe to call from many threads.
+
+    Steps reach the sinks from one delivery thread, a whole iteration's at a time, so the
+    scheduler never waits on them and a batch of N wakes one thread per step, not N.
+    """
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int):
         self._model, self._device = loaded.model, loaded.device
@@ -140,11 +159,14 @@ class BatchingEngine:
         self._wakeup = threading.Condition()
         self._rows: list[_Sequence] = []
         self._kv = KVBatch(loaded.device)
+        self._outbox: list[tuple[_Request, TokenStep | BaseException]] = []
+        self._deliveries: queue.SimpleQueue = queue.SimpleQueue()
         self.step_count = 0
         self._closed = False
         self.batch_sizes: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)  # (step, rows)
         self._thread = threading.Thread(target=self._run, name="dawet-batcher", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._deliver, name="dawet-delivery", daemon=True).start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the scheduler after its current iteration; requests still running are failed."""
@@ -163,34 +185,33 @@ class BatchingEngine:
         held = len(self._rows) * self._kv.mask.shape[1]
         return EngineStats(len(self._rows), len(self._waiting), min(held / self.kv_cache_tokens, 1.0))
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams,
-               cancel: threading.Event | None = None) -> Iterator[TokenStep]:
-        """Queue the request now; the iterator yields its steps as the batch produces them."""
-        request = _Request(list(prompt_ids), params, cancel or threading.Event())
+    def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+            sink: StepSink) -> None:
+        """Queue the request and wait until it ends; its steps go to `sink` meanwhile."""
+        request = _Request(list(prompt_ids), params, cancel, sink)
         if request.reserved_tokens > self.kv_cache_tokens:
             raise ValueError(f"prompt plus max_new_tokens ({request.reserved_tokens}) exceeds the "
                              f"KV-cache budget of {self.kv_cache_tokens} tokens")
         with self._wakeup:
+            if self._closed:
+                raise RuntimeError("the engine was closed")
             self._waiting.append(request)
             self._wakeup.notify()
-        return self._follow(request)
+        request.finished.wait()
+        if request.error is not None:
+            raise request.error
 
-    @staticmethod
-    def _follow(request: _Request) -> Iterator[TokenStep]:
-        """Yield the request's steps until it ends; closing early abandons it."""
-        try:
-            while True:
-                step = request.steps.get()
-                if isinstance(step, BaseException):
-                    raise step
-                yield step
-                if step.finish is not None:
-                    return
-        finally:
-            request.abandoned = True
+    def _deliver(self) -> None:
+        """The delivery loop: hand each iteration's steps to their requests' sinks, in order."""
+        while (batch := self._deliveries.get()) is not None:
+            for request, item in batch:
+                request.deliver(item)
+
+    def _send(self, request: _Request, item: TokenStep | BaseException) -> None:
+        self._outbox.append((request, item))
 
     def _run(self) -> None:
-        """The scheduler loop: drop stopped rows, admit, decode; block while idle."""
+        """The scheduler loop: drop stopped rows, admit, decode, deliver; block while idle."""
         with torch.inference_mode():
             while not self._closed:
                 try:
@@ -203,10 +224,18 @@ class BatchingEngine:
                 except Exception as exc:  # the boundary: fail the batch, keep serving
                     logger.exception("batched decode step failed")
                     self._fail_all(exc)
+                self._flush_outbox()
         self._fail_all(RuntimeError("the engine was closed"))
         with self._wakeup:
             for request in self._waiting:
-                request.steps.put(RuntimeError("the engine was closed"))
+                self._send(request, RuntimeError("the engine was closed"))
+        self._flush_outbox()
+        self._deliveries.put(None)
+
+    def _flush_outbox(self) -> None:
+        if self._outbox:
+            self._deliveries.put(self._outbox)
+            self._outbox = []
 
     def _admissions(self) -> list[_Request]:
         """Take the waiting requests that fit the batch and the KV budget; wait while idle."""
@@ -217,7 +246,7 @@ class BatchingEngine:
             while self._waiting and not self._closed and self._fits(admitted, self._waiting[0]):
                 request = self._waiting.popleft()
                 if request.stopped:
-                    request.steps.put(CANCELLED_STEP)
+                    self._send(request, CANCELLED_STEP)
                 else:
                     admitted.append(request)
             return admitted
@@ -238,12 +267,18 @@ class BatchingEngine:
         except Exception as exc:  # these requests only: their runners turn it into error events
             logger.exception("prefill failed")
             for request in group:
-                request.steps.put(exc)
+                self._send(request, exc)
             return
-        going = [i for i, (s, token) in enumerate(zip(sequences, tokens)) if not s.accept(token)]
+        going = [i for i, (s, token) in enumerate(zip(sequences, tokens)) if not self._accept(s, token)]
         if going:
             self._kv.add(out.past_key_values, going)
             self._rows.extend(sequences[i] for i in going)
+
+    def _accept(self, sequence: _Sequence, token: int) -> bool:
+        """Queue the step for a sampled token; return whether the sequence ended."""
+        step = sequence.accept(token)
+        self._send(sequence.request, step)
+        return step.finish is not None
 
     def _decode_step(self) -> None:
         """One forward pass for every running row, then per-row sampling and eviction."""
@@ -254,7 +289,7 @@ class BatchingEngine:
         out = self._model(input_ids=feed, attention_mask=self._kv.grow(), position_ids=positions,
                           past_key_values=self._kv.cache, use_cache=True)
         tokens = sample_batch([s.sampler for s in self._rows], out.logits[:, -1, :])
-        ended = [s.accept(token) for s, token in zip(self._rows, tokens)]
+        ended = [self._accept(s, token) for s, token in zip(self._rows, tokens)]
         self._evict([i for i, done in enumerate(ended) if done])
 
     def _evict(self, rows: list[int], final: TokenStep | None = None) -> None:
@@ -263,7 +298,7 @@ class BatchingEngine:
             return
         for index in rows:
             if final is not None:
-                self._rows[index].request.steps.put(final)
+                self._send(self._rows[index].request, final)
         gone = set(rows)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         self._rows = [self._rows[i] for i in keep]
@@ -272,6 +307,6 @@ class BatchingEngine:
     def _fail_all(self, exc: Exception) -> None:
         """Hand the error to every running request and start over with an empty batch."""
         for sequence in self._rows:
-            sequence.request.steps.put(exc)
+            self._send(sequence.request, exc)
         self._rows = []
         self._kv = KVBatch(self._device)

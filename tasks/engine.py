@@ -1,13 +1,16 @@
-"""Engines turn a prompt into a stream of token ids. Workers build one per process.
+"""Engines turn a prompt into token steps. Workers build one per process.
 
-The interface is small on purpose: `stream()` yields TokenSteps and stops with a finish
-reason; closing the iterator early (a stop sequence) frees the request's slot, and setting
-the `cancel` event stops it at its next step with finish reason `cancelled`.
+The interface is small on purpose: `run()` hands each step of one request to a sink, from
+whichever thread the engine likes, and returns when the sequence ends. The sink returns True to
+abandon the request (a stop sequence), which frees its slot; setting the `cancel` event stops
+it at its next step with finish reason `cancelled`. `iterate()` turns a run into an iterator.
 """
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,13 +32,59 @@ class TokenStep:
 CANCELLED_STEP = TokenStep(None, FinishReason.CANCELLED)
 
 
+StepSink = Callable[[TokenStep], "bool | None"]  # True: abandon the request now
+
+
 class Engine(Protocol):
-    def stream(self, prompt_ids: list[int], params: SamplingParams,
-               cancel: threading.Event | None = None) -> Iterator[TokenStep]:
-        """Generate for one request; close the iterator to abandon it, set `cancel` to stop it."""
+    def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+            sink: StepSink) -> None:
+        """Generate for one request, handing each step to `sink`, until the sequence ends or the
+        sink returns True; raises if generation fails. No step reaches the sink after this returns."""
 
     def close(self) -> None:
         """Release the engine's threads at worker shutdown."""
+
+
+def iterate(engine: Engine, prompt_ids: list[int], params: SamplingParams,
+            cancel: threading.Event | None = None) -> Iterator[TokenStep]:
+    """Submit a request now and iterate its steps (closing the iterator abandons it).
+
+    For tests and tools: it costs a thread per request, which the worker's runner avoids.
+    """
+    steps: queue.SimpleQueue = queue.SimpleQueue()
+    closed = threading.Event()
+
+    def sink(step: TokenStep) -> bool:
+        steps.put(step)
+        return closed.is_set()
+
+    def produce() -> None:
+        try:
+            engine.run(prompt_ids, params, cancel or threading.Event(), sink)
+            steps.put(None)
+        except Exception as exc:  # handed to the reader
+            steps.put(exc)
+
+    threading.Thread(target=produce, name="dawet-iterate", daemon=True).start()
+    return _read(steps, closed)
+
+
+def _read(steps: queue.SimpleQueue, closed: threading.Event) -> Iterator[TokenStep]:
+    try:
+        while (item := steps.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed.set()
+
+
+def drive(steps: Iterator[TokenStep], sink: StepSink) -> None:
+    """Hand steps to `sink` until the sequence ends or the sink asks to stop."""
+    with closing(steps):
+        for step in steps:
+            if sink(step) or step.finish is not None:
+                return
 
 
 def step_for(token: int, produced: int, params: SamplingParams,
@@ -57,10 +106,11 @@ class SequentialEngine:
     def close(self) -> None:
         """Nothing to release: the engine runs on its callers' threads."""
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams,
-               cancel: threading.Event | None = None) -> Iterator[TokenStep]:
+    def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+            sink: StepSink) -> None:
+        """Generate on the caller's thread; one request at a time."""
         with self._lock:
-            yield from self._decode(prompt_ids, params, cancel or threading.Event())
+            drive(self._decode(prompt_ids, params, cancel), sink)
 
     def _decode(self, prompt_ids: list[int], params: SamplingParams,
                 cancel: threading.Event) -> Iterator[TokenStep]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from model_store.tokenizer import ChatTokenizer
 from tasks.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
                             StatusEvent, TokenEvent, Usage, is_terminal)
-from tasks.engine import Engine
+from tasks.engine import Engine, TokenStep
 from tasks.joblog import EventWriter, JobStore, Notifier
 from tasks.metrics import in_flight, observe_job
 from tasks.textstream import IncrementalDecoder, StopMatcher
@@ -55,6 +55,31 @@ class ChunkBuffer:
         if self._pending:
             self._send(self._pending)
             self._pending, self._last_sent = "", time.monotonic()
+
+
+class StepText:
+    """A job's step sink: decode each token, hold back stop sequences, chunk the text out.
+
+    Returns True (stop) on a stop sequence or a cancel; records how the job finished.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str],
+                 chunks: ChunkBuffer, cancelled: CancelCheck):
+        self.decoder, self.stops = IncrementalDecoder(decode), StopMatcher(stop)
+        self._chunks, self._cancelled = chunks, cancelled
+        self.completion, self.finish = 0, FinishReason.CANCELLED
+
+    def __call__(self, step: TokenStep) -> bool:
+        hit = False
+        if step.token_id is not None:
+            self.completion += 1
+            text, hit = self.stops.feed(self.decoder.push(step.token_id))
+            self._chunks.push(text)
+        finish = FinishReason.STOP_SEQUENCE if hit else step.finish
+        if finish is None and self._cancelled():
+            finish = FinishReason.CANCELLED
+        self.finish = finish or self.finish
+        return finish is not None
 
 
 @dataclass
@@ -136,25 +161,11 @@ class JobRunner:
 
     def _decode(self, job: Job, chunks: ChunkBuffer,
                 cancelled: CancelCheck) -> tuple[FinishReason, int]:
-        """Feed engine steps through the decoder and the stop matcher into chunks."""
-        decoder = IncrementalDecoder(self._tokenizer.decode)
-        stops = StopMatcher(job.params.stop)
-        completion, finish = 0, FinishReason.CANCELLED
-        with closing(self._engine.stream(job.prompt_token_ids, job.params,
-                                         cancelled.event)) as steps:
-            for step in steps:
-                hit = False
-                if step.token_id is not None:
-                    completion += 1
-                    text, hit = stops.feed(decoder.push(step.token_id))
-                    chunks.push(text)
-                finish = FinishReason.STOP_SEQUENCE if hit else step.finish
-                if finish is None and cancelled():
-                    finish = FinishReason.CANCELLED
-                if finish is not None:
-                    break
-        chunks.push(stops.flush())
-        return finish, completion
+        """Run the job on the engine, its steps going through the decoder and stop matcher."""
+        steps = StepText(self._tokenizer.decode, job.params.stop, chunks, cancelled)
+        self._engine.run(job.prompt_token_ids, job.params, cancelled.event, steps)
+        chunks.push(steps.stops.flush())
+        return steps.finish, steps.completion
 
     @contextmanager
     def _cancel_event(self, job_id: str) -> Iterator[threading.Event]:

@@ -13,7 +13,7 @@ from model_store.loader import LoadedModel, load_model
 from model_store.registry import load_registry
 from tasks.batching import BatchingEngine
 from tasks.contract import FinishReason, Job, SamplingParams
-from tasks.engine import SequentialEngine, TokenStep
+from tasks.engine import SequentialEngine, TokenStep, iterate
 from tasks.joblog import JobStore
 from tasks.runner import JobRunner
 
@@ -53,12 +53,12 @@ def _tokens(steps: Iterator[TokenStep]) -> list[int | None]:
 
 def _alone(loaded: LoadedModel, greedy: bool) -> list[list[int | None]]:
     sequential = SequentialEngine(loaded)
-    return [_tokens(sequential.stream(p, _params(i, greedy))) for i, p in enumerate(_prompts(loaded))]
+    return [_tokens(iterate(sequential, p, _params(i, greedy))) for i, p in enumerate(_prompts(loaded))]
 
 
 def _together(engine: BatchingEngine, loaded: LoadedModel, greedy: bool) -> list[list[int | None]]:
     """Submit every request before reading any, so they decode as one batch."""
-    streams = [engine.stream(p, _params(i, greedy)) for i, p in enumerate(_prompts(loaded))]
+    streams = [iterate(engine, p, _params(i, greedy)) for i, p in enumerate(_prompts(loaded))]
     with ThreadPoolExecutor(len(streams)) as pool:
         return list(pool.map(_tokens, streams))
 
@@ -80,13 +80,13 @@ def test_the_batch_never_exceeds_its_size_or_kv_budget(loaded):
     prompt = loaded.tokenizer.encode("Hello there")
     small = BatchingEngine(loaded, max_batch_size=3, kv_cache_tokens=4 * (len(prompt) + 40))
     try:
-        streams = [small.stream(prompt, params) for _ in range(8)]
+        streams = [iterate(small, prompt, params) for _ in range(8)]
         with ThreadPoolExecutor(8) as pool:
             outputs = list(pool.map(_tokens, streams))
         assert all(len(tokens) == 40 for tokens in outputs)
         assert max(size for _, size in small.batch_sizes) == 3
         with pytest.raises(ValueError, match="KV-cache budget"):
-            small.stream(prompt, params.model_copy(update={"max_new_tokens": 500}))
+            next(iterate(small, prompt, params.model_copy(update={"max_new_tokens": 500})))
     finally:
         small.close()
 
@@ -98,7 +98,7 @@ def test_stats_report_the_batch_the_queue_and_the_kv_share(loaded):
     small = BatchingEngine(loaded, max_batch_size=2, kv_cache_tokens=budget)
     try:
         assert small.stats().batch_size == 0 and small.stats().kv_cache_usage == 0.0
-        streams = [small.stream(prompt, params) for _ in range(3)]
+        streams = [iterate(small, prompt, params) for _ in range(3)]
         for stream in streams[:2]:
             next(stream)
         while small.running < 2:  # the first token comes from the prefill, before the row joins
@@ -115,7 +115,7 @@ def test_stats_report_the_batch_the_queue_and_the_kv_share(loaded):
 def test_a_cancelled_request_leaves_the_batch_by_the_next_step(engine, loaded):
     params = SamplingParams(max_new_tokens=400, min_new_tokens=400, temperature=0.0, top_p=1.0)
     cancels = [threading.Event() for _ in range(3)]
-    streams = [engine.stream(loaded.tokenizer.encode(f"Job {i}"), params, c)
+    streams = [iterate(engine, loaded.tokenizer.encode(f"Job {i}"), params, c)
                for i, c in enumerate(cancels)]
     for stream in streams:
         next(stream)
@@ -148,10 +148,12 @@ class PacedEngine:
     def __init__(self, engine: BatchingEngine, seconds: float):
         self._engine, self._seconds = engine, seconds
 
-    def stream(self, prompt_ids, params, cancel=None):
-        for step in self._engine.stream(prompt_ids, params, cancel):
+    def run(self, prompt_ids, params, cancel, sink):
+        def paced(step):
             time.sleep(self._seconds)
-            yield step
+            return sink(step)
+
+        self._engine.run(prompt_ids, params, cancel, paced)
 
 
 def _run_job(redis_client, engine, loaded, params: SamplingParams, chunk_seconds: float,

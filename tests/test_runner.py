@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import MODELS_FILE
 from model_store.registry import load_registry
 from model_store.tokenizer import ChatTokenizer
 from tasks.contract import Job, SamplingParams
-from tasks.engine import TokenStep
+from tasks.engine import StepSink, TokenStep
 from tasks.joblog import JobStore
 from tasks.runner import JobRunner
 
@@ -17,9 +16,9 @@ from tasks.runner import JobRunner
 class FailingEngine:
     """Yields one token, then fails the way a lost device would."""
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams,
-               cancel: threading.Event | None = None) -> Iterator[TokenStep]:
-        yield TokenStep(prompt_ids[0])
+    def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+            sink: StepSink) -> None:
+        sink(TokenStep(prompt_ids[0]))
         raise RuntimeError("device lost")
 
 
