@@ -5,14 +5,12 @@ iteration the scheduler drops cancelled rows, admits waiting requests (prompts o
 prefill together, never padded; the prefill's logits give the first token at once), merges their
 KV caches into the running batch (left padding, a 2D attention mask, explicit position ids),
 runs ONE decode step for all rows, samples each row with its request's own Sampler (batched,
-tasks/sampling.py), and evicts the rows that ended. The iteration's steps then go to one
-delivery thread, which hands them to the requests' sinks. Admission is bounded by a batch size
-and a KV-cache budget; the thread blocks when idle.
+tasks/sampling.py), hands each row's step to its request's sink, and evicts the rows that
+ended. Admission is bounded by a batch size and a KV-cache budget; the thread blocks when idle.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -53,7 +51,7 @@ class _Request:
         return self.abandoned or self.cancel.is_set()
 
     def deliver(self, item: TokenStep | BaseException) -> None:
-        """On the delivery thread: hand a step to the sink, or end the request with an error."""
+        """Hand a step to the sink, or end the request with an error."""
         if self.finished.is_set():
             return  # the sink already stopped it: nothing reaches it any more
         try:
@@ -147,8 +145,10 @@ def _same_length(requests: list[_Request]) -> list[list[_Request]]:
 class BatchingEngine:
     """Continuous batching behind the Engine interface; safe to call from many threads.
 
-    Steps reach the sinks from one delivery thread, a whole iteration's at a time, so the
-    scheduler never waits on them and a batch of N wakes one thread per step, not N.
+    The scheduler thread hands each step to its request's sink itself. A sink must be quick
+    (the runner's decodes, matches stops and queues events for the writer thread): measured on
+    CPU, any hand-off to another thread cost more, each waiting for the GIL up to a switch
+    interval while the scheduler runs Python.
     """
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int):
@@ -159,14 +159,11 @@ class BatchingEngine:
         self._wakeup = threading.Condition()
         self._rows: list[_Sequence] = []
         self._kv = KVBatch(loaded.device)
-        self._outbox: list[tuple[_Request, TokenStep | BaseException]] = []
-        self._deliveries: queue.SimpleQueue = queue.SimpleQueue()
         self.step_count = 0
         self._closed = False
         self.batch_sizes: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)  # (step, rows)
         self._thread = threading.Thread(target=self._run, name="dawet-batcher", daemon=True)
         self._thread.start()
-        threading.Thread(target=self._deliver, name="dawet-delivery", daemon=True).start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the scheduler after its current iteration; requests still running are failed."""
@@ -201,17 +198,8 @@ class BatchingEngine:
         if request.error is not None:
             raise request.error
 
-    def _deliver(self) -> None:
-        """The delivery loop: hand each iteration's steps to their requests' sinks, in order."""
-        while (batch := self._deliveries.get()) is not None:
-            for request, item in batch:
-                request.deliver(item)
-
-    def _send(self, request: _Request, item: TokenStep | BaseException) -> None:
-        self._outbox.append((request, item))
-
     def _run(self) -> None:
-        """The scheduler loop: drop stopped rows, admit, decode, deliver; block while idle."""
+        """The scheduler loop: drop stopped rows, admit, decode; block while idle."""
         with torch.inference_mode():
             while not self._closed:
                 try:
@@ -224,18 +212,10 @@ class BatchingEngine:
                 except Exception as exc:  # the boundary: fail the batch, keep serving
                     logger.exception("batched decode step failed")
                     self._fail_all(exc)
-                self._flush_outbox()
         self._fail_all(RuntimeError("the engine was closed"))
         with self._wakeup:
             for request in self._waiting:
-                self._send(request, RuntimeError("the engine was closed"))
-        self._flush_outbox()
-        self._deliveries.put(None)
-
-    def _flush_outbox(self) -> None:
-        if self._outbox:
-            self._deliveries.put(self._outbox)
-            self._outbox = []
+                request.deliver(RuntimeError("the engine was closed"))
 
     def _admissions(self) -> list[_Request]:
         """Take the waiting requests that fit the batch and the KV budget; wait while idle."""
@@ -246,7 +226,7 @@ class BatchingEngine:
             while self._waiting and not self._closed and self._fits(admitted, self._waiting[0]):
                 request = self._waiting.popleft()
                 if request.stopped:
-                    self._send(request, CANCELLED_STEP)
+                    request.deliver(CANCELLED_STEP)
                 else:
                     admitted.append(request)
             return admitted
@@ -267,7 +247,7 @@ class BatchingEngine:
         except Exception as exc:  # these requests only: their runners turn it into error events
             logger.exception("prefill failed")
             for request in group:
-                self._send(request, exc)
+                request.deliver(exc)
             return
         going = [i for i, (s, token) in enumerate(zip(sequences, tokens)) if not self._accept(s, token)]
         if going:
@@ -277,7 +257,7 @@ class BatchingEngine:
     def _accept(self, sequence: _Sequence, token: int) -> bool:
         """Queue the step for a sampled token; return whether the sequence ended."""
         step = sequence.accept(token)
-        self._send(sequence.request, step)
+        sequence.request.deliver(step)
         return step.finish is not None
 
     def _decode_step(self) -> None:
@@ -298,7 +278,7 @@ class BatchingEngine:
             return
         for index in rows:
             if final is not None:
-                self._send(self._rows[index].request, final)
+                self._rows[index].request.deliver(final)
         gone = set(rows)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         self._rows = [self._rows[i] for i in keep]
@@ -307,6 +287,6 @@ class BatchingEngine:
     def _fail_all(self, exc: Exception) -> None:
         """Hand the error to every running request and start over with an empty batch."""
         for sequence in self._rows:
-            self._send(sequence.request, exc)
+            sequence.request.deliver(exc)
         self._rows = []
         self._kv = KVBatch(self._device)
