@@ -120,8 +120,7 @@ class Services:
                 **fields: Any) -> Job:
         """Record the job with a `queued` event, then send it to the model's queue."""
         job = Job(model=spec.name, prompt_token_ids=prompt_ids, params=params, **fields)
-        self.store.create(job)
-        self.store.append(job.id, StatusEvent(JobState.QUEUED))
+        self.store.create(job, StatusEvent(JobState.QUEUED))
         send_job(self.celery, job, spec.queue)
         note_admitted(spec.name)
         return job

@@ -1,7 +1,8 @@
 """Benchmark the serving pipeline against the engine alone.
 
-For each model and each client count C, three runs of C closed-loop clients, each asking for
-exactly `tokens` new tokens per job (min_new_tokens = max_new_tokens):
+For each model and each client count C, three kinds of run of C closed-loop clients, each
+asking for exactly `tokens` new tokens per job (min_new_tokens = max_new_tokens), repeated and
+interleaved; the table shows each kind's median run and TTFTs over all its runs:
   pipeline    HTTP POST /v1/generate → Celery → worker (batching engine) → Redis → WebSocket
   in-process  the same BatchingEngine called from C threads, no queue (the ceiling)
   sequential  SequentialEngine called from min(C, 16) threads in-process, one round (one job
@@ -53,6 +54,12 @@ class Result:
     def ttft_ms(self, quantile: float) -> float:
         ordered = sorted(self.ttfts)
         return 1000 * ordered[min(len(ordered) - 1, round(quantile * (len(ordered) - 1)))]
+
+
+def median_run(results: list[Result]) -> Result:
+    """The run of median throughput, carrying every run's TTFTs (so p99 spans all of them)."""
+    middle = sorted(results, key=lambda r: r.tokens_per_second)[len(results) // 2]
+    return Result(middle.tokens, middle.seconds, [t for r in results for t in r.ttfts])
 
 
 def request_body(model: str, index: int, tokens: int) -> dict:
@@ -139,11 +146,15 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace) -> list[dict
                "in-process": engine_job(batching, loaded.tokenizer, args.tokens),
                "sequential": engine_job(sequential, loaded.tokenizer, args.tokens)}
         closed_loop(clients, 1, run["pipeline"])  # warm up the stack at this concurrency
-        results = {name: closed_loop(clients, args.rounds, job) for name, job in run.items()
-                   if name != "sequential"}
-        # one job at a time: its rate does not depend on C, so a few jobs measure it
-        results["sequential"] = closed_loop(min(clients, SEQUENTIAL_JOBS), 1, run["sequential"])
-        rows.append({"model": model, "clients": clients, **results})
+        runs: dict[str, list[Result]] = {name: [] for name in run}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the host hits all three
+            for name in ("pipeline", "in-process"):
+                runs[name].append(closed_loop(clients, args.rounds, run[name]))
+            # one job at a time: its rate does not depend on C, so a few jobs measure it
+            runs["sequential"].append(closed_loop(min(clients, SEQUENTIAL_JOBS), 1,
+                                                  run["sequential"]))
+        rows.append({"model": model, "clients": clients,
+                     **{name: median_run(results) for name, results in runs.items()}})
         logger.info("%s C=%d done", model, clients)
     batching.close()
     return rows
@@ -174,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per job")
     parser.add_argument("--rounds", type=int, default=3, help="jobs per client in each run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each kind per C; the table shows the median run")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--chunk-seconds", type=float, default=0.05,
                         help="DAWET_STREAM_CHUNK_SECONDS for the worker")
@@ -185,6 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.concurrency, args.tokens, args.rounds = ["dawet-bench-4m"], [1, 16], 16, 1
+        args.repeats = 1
     return args
 
 
@@ -205,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.stop()
     sys.stdout.write(f"\n{args.tokens} new tokens per job, {args.rounds} jobs per client, "
+                     f"median of {args.repeats} runs, "
                      f"{os.cpu_count()} CPUs, torch threads {args.torch_threads or 'default'}, "
                      f"chunk {args.chunk_seconds}s (logs: {log_dir})\n\n"
                      f"{format_table(rows)}\n")

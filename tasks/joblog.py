@@ -62,11 +62,15 @@ class JobStore:
         self.ttl = ttl_seconds
         self._append = client.register_script(_APPEND)
 
-    def create(self, job: Job) -> None:
-        """Record a new job; its log starts empty."""
+    def create(self, job: Job, first: Event | None = None) -> None:
+        """Record a new job, its log empty or holding `first`, in one round trip."""
         key = _job_key(job.id)
-        self.redis.hset(key, mapping={"job": job.model_dump_json(), "seq": 0})
-        self.redis.expire(key, self.ttl)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping={"job": job.model_dump_json(), "seq": 0})
+            pipe.expire(key, self.ttl)
+            if first is not None:
+                self._append(**self._append_call(job.id, first), client=pipe)
+            pipe.execute()
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(_job_key(job_id)))
