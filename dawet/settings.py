@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(5.0, gt=0)
     # Seconds a broker keeps an unacknowledged job before handing it to another worker.
     visibility_timeout_seconds: int = Field(3600, ge=60)
-    # Cancels reach workers over pub/sub at once; a running job also polls its cancel flag this
-    # often, in case a pub/sub message was lost.
+    # Cancels reach workers over pub/sub at once; a worker also checks the cancel flags of its
+    # running jobs this often (one round trip for all), in case a pub/sub message was lost.
     cancel_poll_seconds: float = Field(0.5, gt=0)
     # A running job's lease lasts this long; a job whose lease lapses is re-run on another worker.
     lease_seconds: float = Field(6.0, gt=0)

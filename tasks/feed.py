@@ -3,9 +3,10 @@
 An append PUBLISHes the event itself on `dawet:wake:<id>` (tasks/joblog.py), and each process
 holds one pub/sub connection, subscribed only to the jobs it relays right now. So a follower
 usually takes events straight from the message, with no read, and a process never hears the
-jobs of others. Pub/sub loses the messages sent while a connection is down, and those sent before a
-subscription takes effect: a subscription's confirmation (including the re-subscription after a reconnect), a
-gap in the sequence numbers and a quiet second each make the follower re-read the log.
+jobs of others. Pub/sub loses the messages sent while a connection is down and those sent
+before a subscription takes effect, so a subscription's confirmation (including the
+re-subscription after a reconnect), a gap in the sequence numbers and a quiet second each make
+the follower re-read the log.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -114,6 +115,15 @@ class JobStore:
     def is_cancelled(self, job_id: str) -> bool:
         return bool(self.redis.exists(_cancel_key(job_id)))
 
+    def cancelled(self, job_ids: list[str]) -> list[bool]:
+        """Whether each job's cancel was requested, in one round trip."""
+        if not job_ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(_cancel_key(job_id))
+            return [bool(found) for found in pipe.execute()]
+
 
 class EventWriteFailed(RuntimeError):
     """An event of the job could not be written to its log."""
@@ -179,72 +189,85 @@ def _decode(entry_id: bytes | str, fields: dict) -> dict[str, Any]:
     return {"seq": int(entry_id.split("-", 1)[0]), **json.loads(raw)}
 
 
-class Notifier:
-    """One pattern subscription per process that sets an event per watched job on each message.
+class CancelListener:
+    """Sets a running job's cancel event when a cancel for it is requested.
 
-    Give it a client of its own: a listener thread must share no connection pool with threads
-    that outlive it (a pool lock held by a daemon thread frozen at exit deadlocks the exit).
-
-    A worker's runner uses it to hear its running jobs' cancel messages. A lost connection
-    sets nothing: a cancel missed then is caught by the runner polling the cancel flag.
+    One pattern subscription per worker hears cancels at once. A message sent while the
+    connection is down is lost, so every `poll_seconds` one round trip also checks the cancel
+    flags of all the jobs it watches. Give it a client of its own: a listener thread must share
+    no connection pool with threads that outlive it (a pool lock held by a daemon thread frozen
+    at exit deadlocks the exit).
     """
 
-    def __init__(self, client: redis.Redis, pattern: str = CANCEL_PATTERN):
-        self._client, self._pattern = client, pattern
-        self._waiters: dict[str, set[threading.Event]] = defaultdict(set)
+    def __init__(self, client: redis.Redis, store: JobStore, poll_seconds: float):
+        self._client, self._store, self._poll_seconds = client, store, poll_seconds
+        self._events: dict[str, set[threading.Event]] = defaultdict(set)
         self._lock = threading.Lock()
         self._started = False
         self._closed = threading.Event()
 
     def close(self) -> None:
-        """Stop listening within a second and drop the connection."""
+        """Stop listening within `poll_seconds` and drop the connection."""
         self._closed.set()
 
     def start(self) -> None:
         """Subscribe now instead of at the first watch."""
-        self._ensure_started()
-
-    def watch(self, job_id: str) -> threading.Event:
-        """Register interest in a job; the returned event is set on each of its messages."""
-        self._ensure_started()
-        wake = threading.Event()
-        with self._lock:
-            self._waiters[job_id].add(wake)
-        return wake
-
-    def unwatch(self, job_id: str, wake: threading.Event) -> None:
-        with self._lock:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(wake)
-                if not waiters:
-                    del self._waiters[job_id]
-
-    def _ensure_started(self) -> None:
         with self._lock:
             if not self._started:
                 self._started = True
-                threading.Thread(target=self._run, name="dawet-notifier", daemon=True).start()
+                threading.Thread(target=self._run, name="dawet-cancels", daemon=True).start()
+
+    def watch(self, job_id: str) -> threading.Event:
+        """An event set once a cancel for the job is requested (already, or from now on)."""
+        self.start()
+        event = threading.Event()
+        with self._lock:
+            self._events[job_id].add(event)
+        if self._store.is_cancelled(job_id):  # requested before we watched
+            event.set()
+        return event
+
+    def unwatch(self, job_id: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._events.get(job_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._events[job_id]
 
     def _run(self) -> None:
-        """Listen until closed; on a lost connection, retry (redis-py re-subscribes)."""
+        """Listen and poll until closed; on a lost connection, retry (redis-py re-subscribes)."""
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        next_poll = 0.0
         while not self._closed.is_set():
             try:
                 if not pubsub.subscribed:
-                    pubsub.psubscribe(self._pattern)
-                message = pubsub.get_message(timeout=RETRY_SECONDS)
+                    pubsub.psubscribe(CANCEL_PATTERN)
+                message = pubsub.get_message(timeout=self._poll_seconds)
                 if message is not None:
-                    self._wake(message["channel"])
+                    self._set(_job_of(message["channel"]))
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self._poll_seconds
+                    self._poll()
             except redis.RedisError:
                 logger.warning("cancel listener lost Redis; retrying")
                 self._closed.wait(RETRY_SECONDS)
         pubsub.close()
 
-    def _wake(self, channel: bytes | str) -> None:
-        channel = channel.decode() if isinstance(channel, bytes) else channel
-        job_id = channel.rsplit(":", 1)[-1]
+    def _poll(self) -> None:
         with self._lock:
-            waiters = list(self._waiters.get(job_id, ()))
-        for wake in waiters:
-            wake.set()
+            job_ids = list(self._events)
+        for job_id, cancelled in zip(job_ids, self._store.cancelled(job_ids)):
+            if cancelled:
+                self._set(job_id)
+
+    def _set(self, job_id: str) -> None:
+        with self._lock:
+            events = list(self._events.get(job_id, ()))
+        for event in events:
+            event.set()
+
+
+def _job_of(channel: bytes | str) -> str:
+    channel = channel.decode() if isinstance(channel, bytes) else channel
+    return channel.rsplit(":", 1)[-1]

@@ -12,29 +12,11 @@ from model_store.tokenizer import ChatTokenizer
 from tasks.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
                             StatusEvent, TokenEvent, Usage, is_terminal)
 from tasks.engine import Engine, TokenStep
-from tasks.joblog import EventWriter, JobStore, Notifier
+from tasks.joblog import CancelListener, EventWriter, JobStore
 from tasks.metrics import in_flight, observe_job
 from tasks.textstream import IncrementalDecoder, StopMatcher
 
 logger = logging.getLogger(__name__)
-
-
-class CancelCheck:
-    """A job's cancel signal: its event (set by a pub/sub message), else the Redis flag, polled."""
-
-    def __init__(self, store: JobStore, job_id: str, interval: float, event: threading.Event):
-        self._store, self._job_id, self._interval = store, job_id, interval
-        self.event = event  # the engine stops the sequence at its next step once it is set
-        self._next_check = 0.0
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if self.event.is_set() or now < self._next_check:
-            return self.event.is_set()
-        self._next_check = now + self._interval
-        if self._store.is_cancelled(self._job_id):
-            self.event.set()
-        return self.event.is_set()
 
 
 class ChunkBuffer:
@@ -64,9 +46,9 @@ class StepText:
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str],
-                 chunks: ChunkBuffer, cancelled: CancelCheck):
+                 chunks: ChunkBuffer, cancel: threading.Event):
         self.decoder, self.stops = IncrementalDecoder(decode), StopMatcher(stop)
-        self._chunks, self._cancelled = chunks, cancelled
+        self._chunks, self._cancel = chunks, cancel
         self.completion, self.finish = 0, FinishReason.CANCELLED
 
     def __call__(self, step: TokenStep) -> bool:
@@ -76,7 +58,7 @@ class StepText:
             text, hit = self.stops.feed(self.decoder.push(step.token_id))
             self._chunks.push(text)
         finish = FinishReason.STOP_SEQUENCE if hit else step.finish
-        if finish is None and self._cancelled():
+        if finish is None and self._cancel.is_set():
             finish = FinishReason.CANCELLED
         self.finish = finish or self.finish
         return finish is not None
@@ -107,12 +89,11 @@ class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads at once."""
 
     def __init__(self, store: JobStore, engine: Engine, tokenizer: ChatTokenizer,
-                 worker_name: str, cancel_poll_seconds: float, chunk_seconds: float = 0.0,
-                 cancels: Notifier | None = None):
+                 worker_name: str, chunk_seconds: float = 0.0,
+                 cancels: CancelListener | None = None):
         self._store, self._engine, self._tokenizer = store, engine, tokenizer
-        self._worker_name = worker_name
-        self._cancel_poll, self._chunk_seconds = cancel_poll_seconds, chunk_seconds
-        self._cancels = cancels  # pub/sub cancel messages; without it, polling alone
+        self._worker_name, self._chunk_seconds = worker_name, chunk_seconds
+        self._cancels = cancels  # without it, only a cancel requested before the start counts
         self._events = EventWriter(store)  # token events; status and terminal ones go direct
 
     def run(self, job: Job) -> None:
@@ -149,29 +130,31 @@ class JobRunner:
         """Stream tokens as events until the engine, a stop sequence or a cancel ends the job."""
         chunks = ChunkBuffer(lambda text: self._emit(job.id, text, clock), self._chunk_seconds)
         try:
-            with self._cancel_event(job.id) as event:
-                cancelled = CancelCheck(self._store, job.id, self._cancel_poll, event)
+            with self._cancel_event(job.id) as cancel:
                 finish, completion = FinishReason.CANCELLED, 0
-                if not cancelled():
-                    finish, completion = self._decode(job, chunks, cancelled)
+                if not cancel.is_set():
+                    finish, completion = self._decode(job, chunks, cancel)
             chunks.flush()
         finally:
             self._events.flush(job.id)  # every token is in the log before the terminal event
         return finish, Usage(len(job.prompt_token_ids), completion)
 
     def _decode(self, job: Job, chunks: ChunkBuffer,
-                cancelled: CancelCheck) -> tuple[FinishReason, int]:
+                cancel: threading.Event) -> tuple[FinishReason, int]:
         """Run the job on the engine, its steps going through the decoder and stop matcher."""
-        steps = StepText(self._tokenizer.decode, job.params.stop, chunks, cancelled)
-        self._engine.run(job.prompt_token_ids, job.params, cancelled.event, steps)
+        steps = StepText(self._tokenizer.decode, job.params.stop, chunks, cancel)
+        self._engine.run(job.prompt_token_ids, job.params, cancel, steps)
         chunks.push(steps.stops.flush())
         return steps.finish, steps.completion
 
     @contextmanager
     def _cancel_event(self, job_id: str) -> Iterator[threading.Event]:
-        """An event set when a cancel message for the job arrives (while the job runs)."""
+        """An event set once a cancel for the job is requested (while the job runs)."""
         if self._cancels is None:
-            yield threading.Event()
+            event = threading.Event()
+            if self._store.is_cancelled(job_id):
+                event.set()
+            yield event
             return
         event = self._cancels.watch(job_id)
         try:

@@ -101,7 +101,7 @@ def _close_engine(**_) -> None:
 def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
     """Load the model and wire engine, job store, cancel listener and runner (imports torch)."""
     from model_store.loader import load_model
-    from tasks.joblog import CANCEL_PATTERN, JobStore, Notifier
+    from tasks.joblog import CancelListener, JobStore
     from tasks.runner import JobRunner
 
     settings = get_settings()
@@ -112,11 +112,12 @@ def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
         torch.set_num_threads(settings.torch_threads)
     loaded = load_model(spec)
     engine = _build_engine(loaded)
-    cancels = Notifier(redis.Redis.from_url(settings.redis_url_or_fallback()), CANCEL_PATTERN)
+    store = JobStore(client, settings.job_ttl_seconds)
+    cancels = CancelListener(redis.Redis.from_url(settings.redis_url_or_fallback()), store,
+                             settings.cancel_poll_seconds)
     cancels.start()
-    runner = JobRunner(JobStore(client, settings.job_ttl_seconds), engine, loaded.tokenizer,
-                       worker_name, settings.cancel_poll_seconds, settings.stream_chunk_seconds,
-                       cancels)
+    runner = JobRunner(store, engine, loaded.tokenizer, worker_name,
+                       settings.stream_chunk_seconds, cancels)
     return runner, engine, loaded
 
 

@@ -162,7 +162,7 @@ def _run_job(redis_client, engine, loaded, params: SamplingParams, chunk_seconds
     store = JobStore(redis_client, 600)
     job = Job(model=DEMO_MODEL, prompt_token_ids=loaded.tokenizer.encode(prompt), params=params)
     store.create(job)
-    JobRunner(store, engine, loaded.tokenizer, "test", 0.5, chunk_seconds).run(job)
+    JobRunner(store, engine, loaded.tokenizer, "test", chunk_seconds).run(job)
     return store.read(job.id)
 
 

@@ -12,7 +12,8 @@ import redis
 from tasks.contract import (DoneEvent, FinishReason, Job, JobState, SamplingParams, StatusEvent,
                             TokenEvent, Usage)
 from tasks.feed import JobFeed, StreamIdle, follow
-from tasks.joblog import EventWriteFailed, EventWriter, JobStore, wake_channel
+from tasks.joblog import (CancelListener, EventWriteFailed, EventWriter, JobStore,
+                          wake_channel)
 
 PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0)
 
@@ -125,8 +126,8 @@ def test_a_gap_in_the_published_sequence_is_filled_from_the_log(store, feed, red
     store.append(job.id, TokenEvent("a"))
     _wait_for(lambda: len(seen) == 1)
     # An append whose message is lost: same log entry, published where nobody listens.
-    JobStore(redis_client, 600)._append(keys=[f"dawet:job:{{{job.id}}}", f"dawet:job:{{{job.id}}}:log"],
-                                        args=[json.dumps(TokenEvent("b").to_dict()), 600, "lost"])
+    keys = [f"dawet:job:{{{job.id}}}", f"dawet:job:{{{job.id}}}:log"]
+    store._append(keys=keys, args=[json.dumps(TokenEvent("b").to_dict()), 600, "lost"])
     store.append(job.id, TokenEvent("c"))
     store.append(job.id, _done())
     reader.join(10)
@@ -192,3 +193,24 @@ def test_a_failed_write_refuses_the_jobs_later_events_and_is_reported_at_its_flu
     writer.send(job.id, TokenEvent("kept"))  # reported once: a job that goes on may write again
     writer.flush(job.id)
     assert [e["text"] for e in store.read(job.id)][-1] == "kept"
+
+
+@pytest.fixture()
+def cancels(stack, store) -> Iterator[CancelListener]:
+    listener = CancelListener(redis.Redis.from_url(stack.settings.redis_url), store, 0.2)
+    listener.start()
+    yield listener
+    listener.close()
+
+
+def test_a_cancel_reaches_the_watcher_by_message_by_flag_or_from_before(store, redis_client,
+                                                                        cancels):
+    early, live, missed = (_new_job(store) for _ in range(3))
+    store.cancel(early.id)
+    assert cancels.watch(early.id).is_set()  # requested before the job was watched
+    live_event, missed_event = cancels.watch(live.id), cancels.watch(missed.id)
+    _wait_for(lambda: redis_client.pubsub_numpat() >= 1)
+    store.cancel(live.id)
+    assert live_event.wait(5)
+    redis_client.set(f"dawet:job:{{{missed.id}}}:cancel", 1)  # the flag without its message
+    assert missed_event.wait(2)  # found by the poll

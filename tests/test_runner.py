@@ -28,7 +28,7 @@ def test_a_failing_engine_ends_the_job_with_one_error_and_a_rerun_is_skipped(red
     job = Job(model="m", prompt_token_ids=tokenizer.encode("Halo"),
               params=SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0))
     store.create(job)
-    runner = JobRunner(store, FailingEngine(), tokenizer, "test-worker", 0.05)
+    runner = JobRunner(store, FailingEngine(), tokenizer, "test-worker")
     runner.run(job)
     runner.run(job)  # a redelivered task must not run the finished job again
     events = store.read(job.id)
