@@ -38,8 +38,9 @@ StepSink = Callable[[TokenStep], "bool | None"]  # True: abandon the request now
 class Engine(Protocol):
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:
-        """Generate for one request, handing each step to `sink`, until the sequence ends or the
-        sink returns True; raises if generation fails. No step reaches the sink after this returns."""
+        """Generate for one request, handing each step to `sink`, until the sequence ends or
+        the sink returns True; raises if generation fails. No step reaches the sink after this
+        returns."""
 
     def close(self) -> None:
         """Release the engine's threads at worker shutdown."""
