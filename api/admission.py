@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 
 import redis
@@ -23,6 +24,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 RATE_WINDOW_SECONDS = 60
 QUEUE_FULL_RETRY_AFTER_SECONDS = 5
+QUEUE_ESTIMATE_SECONDS = 1.0  # how long a queue count may be reused, far from the limit
 
 # Fixed one-minute windows: refuse (1: requests, 2: tokens) or count the request and its tokens.
 _RATE = """
@@ -57,6 +59,8 @@ class Admission:
         self.settings, self._redis, self._celery = settings, client, celery
         self._scopes = settings.api_key_scopes()
         self._rate = client.register_script(_RATE)
+        self._queue_estimates: dict[str, tuple[int, float]] = {}  # queue -> (jobs, read at)
+        self._lock = threading.Lock()
 
     def check_model_access(self, spec: ModelSpec) -> None:
         """A 403 when the request's API key is scoped to other models."""
@@ -81,11 +85,25 @@ class Admission:
                            RATE_WINDOW_SECONDS - now % RATE_WINDOW_SECONDS)
 
     def check_queue(self, spec: ModelSpec) -> None:
-        """A 429 when the model's queue already holds DAWET_MAX_QUEUED_JOBS waiting jobs."""
+        """A 429 when the model's queue already holds DAWET_MAX_QUEUED_JOBS waiting jobs.
+
+        The broker is asked at most once a second while this process's estimate (the last
+        count plus the jobs it admitted since) stays under half the limit: asking costs two
+        round trips on every submission's path, and far from the limit the answer is "yes".
+        """
         limit = self.settings.max_queued_jobs
-        if limit and self.waiting_jobs(spec.queue) >= limit:
+        if not limit:
+            return
+        with self._lock:
+            jobs, read_at = self._queue_estimates.get(spec.queue, (limit, 0.0))
+            fresh = time.monotonic() - read_at < QUEUE_ESTIMATE_SECONDS and jobs < limit // 2
+        if not fresh:
+            jobs, read_at = self.waiting_jobs(spec.queue), time.monotonic()
+        if jobs >= limit:
             raise too_many(f"model {spec.name} has {limit} jobs waiting; retry later",
                            "queue_full", QUEUE_FULL_RETRY_AFTER_SECONDS)
+        with self._lock:
+            self._queue_estimates[spec.queue] = (jobs + 1, read_at)  # counting this job
 
     def waiting_jobs(self, queue: str) -> int:
         """Messages waiting in a broker queue (not those a worker holds)."""
