@@ -249,13 +249,14 @@ class BatchingEngine:
             for request in group:
                 request.deliver(exc)
             return
-        going = [i for i, (s, token) in enumerate(zip(sequences, tokens)) if not self._accept(s, token)]
+        going = [i for i, (sequence, token) in enumerate(zip(sequences, tokens))
+                 if not self._accept(sequence, token)]
         if going:
             self._kv.add(out.past_key_values, going)
             self._rows.extend(sequences[i] for i in going)
 
     def _accept(self, sequence: _Sequence, token: int) -> bool:
-        """Queue the step for a sampled token; return whether the sequence ended."""
+        """Deliver the step for a sampled token; return whether the sequence ended."""
         step = sequence.accept(token)
         sequence.request.deliver(step)
         return step.finish is not None
