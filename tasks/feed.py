@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from tasks.contract import is_terminal
-from tasks.joblog import JobStore, wake_channel
+from tasks.joblog import JobStore, as_text, job_of_channel, wake_channel
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +133,15 @@ class JobFeed:
         self._pubsub.close()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        channel = _text(message["channel"])
         if message["type"] == "subscribe":
             item = RESYNC  # events appended before the subscription took effect were missed
         elif message["type"] == "message":
-            seq, _, raw = _text(message["data"]).partition(" ")
+            seq, _, raw = as_text(message["data"]).partition(" ")
             item = (int(seq), raw)
         else:
             return
         with self._lock:
-            inboxes = list(self._inboxes.get(channel.rsplit(":", 1)[-1], ()))
+            inboxes = list(self._inboxes.get(job_of_channel(message["channel"]), ()))
         for inbox in inboxes:
             inbox.put(item)
 
@@ -151,10 +150,6 @@ class JobFeed:
             inboxes = [inbox for group in self._inboxes.values() for inbox in group]
         for inbox in inboxes:
             inbox.put(RESYNC)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _ended_by(last: dict[str, Any] | None, after: int) -> bool:

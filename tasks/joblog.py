@@ -184,9 +184,8 @@ class EventWriter:
 
 
 def _decode(entry_id: bytes | str, fields: dict) -> dict[str, Any]:
-    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     raw = fields.get(b"event", fields.get("event"))
-    return {"seq": int(entry_id.split("-", 1)[0]), **json.loads(raw)}
+    return {"seq": int(as_text(entry_id).split("-", 1)[0]), **json.loads(raw)}
 
 
 class CancelListener:
@@ -245,7 +244,7 @@ class CancelListener:
                     pubsub.psubscribe(CANCEL_PATTERN)
                 message = pubsub.get_message(timeout=self._poll_seconds)
                 if message is not None:
-                    self._set(_job_of(message["channel"]))
+                    self._set(job_of_channel(message["channel"]))
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + self._poll_seconds
                     self._poll()
@@ -268,6 +267,11 @@ class CancelListener:
             event.set()
 
 
-def _job_of(channel: bytes | str) -> str:
-    channel = channel.decode() if isinstance(channel, bytes) else channel
-    return channel.rsplit(":", 1)[-1]
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as str, whether the client decodes responses or not."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def job_of_channel(channel: bytes | str) -> str:
+    """The job id that ends a wake or cancel channel's name."""
+    return as_text(channel).rsplit(":", 1)[-1]

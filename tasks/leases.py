@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import redis
 
 from tasks.contract import Job, JobState, StatusEvent, is_terminal
-from tasks.joblog import JobStore
+from tasks.joblog import JobStore, as_text
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,6 @@ return 1
 """
 
 
-def _text(value: bytes | str) -> str:
-    """A Redis reply as str, whether or not the client decodes responses."""
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class LeaseBook:
     """The lease records in Redis, for one owner (a worker)."""
 
@@ -98,7 +93,7 @@ class LeaseBook:
         """Extend these jobs' leases; returns the ones this owner no longer holds."""
         if not job_ids:
             return set()
-        return {_text(j) for j in self._call("renew", self.owner, self._lease_ms, *job_ids)}
+        return {as_text(j) for j in self._call("renew", self.owner, self._lease_ms, *job_ids)}
 
     def release(self, job_id: str) -> None:
         """Give the lease up (the job ended, or was handed back)."""
@@ -106,7 +101,7 @@ class LeaseBook:
 
     def reap(self) -> list[str]:
         """Remove lapsed leases and return their jobs; each lapsed job goes to one caller."""
-        return [_text(j) for j in self._call("reap", REAP_BATCH)]
+        return [as_text(j) for j in self._call("reap", REAP_BATCH)]
 
     def lapse(self, job_id: str) -> None:
         """Mark a job's lease lapsed, so the next reap takes it again."""
