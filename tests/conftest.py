@@ -85,6 +85,14 @@ def stream_events(url: str, timeout: float = 60) -> list[dict]:
     return events
 
 
+def wait_until(check, timeout: float, what: str, interval: float = 0.01) -> None:
+    """Poll `check` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
 def token_text(events: list[dict]) -> str:
     return "".join(e["text"] for e in events if e["type"] == "token")
 

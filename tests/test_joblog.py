@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from conftest import wait_until
 from tasks.contract import (DoneEvent, FinishReason, Job, JobState, SamplingParams, StatusEvent,
                             TokenEvent, Usage)
 from tasks.feed import JobFeed, StreamIdle, follow
@@ -96,13 +96,6 @@ def _follow_in_thread(store: JobStore, feed: JobFeed, job_id: str) -> tuple[thre
     return reader, seen
 
 
-def _wait_for(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def _subscribers(redis_client, job: Job) -> int:
     return redis_client.pubsub_numsub(wake_channel(job.id))[0][1]
 
@@ -111,20 +104,20 @@ def test_a_feed_subscribes_only_to_the_jobs_it_follows_and_leaves_when_done(stor
                                                                            redis_client):
     followed, other = _new_job(store), _new_job(store)
     reader, seen = _follow_in_thread(store, feed, followed.id)
-    _wait_for(lambda: _subscribers(redis_client, followed) == 1)
+    wait_until(lambda: _subscribers(redis_client, followed) == 1, 5, "the subscription")
     assert _subscribers(redis_client, other) == 0
     store.append(followed.id, _done())
     reader.join(10)
     assert [e["type"] for e in seen] == ["done"]
-    _wait_for(lambda: _subscribers(redis_client, followed) == 0)
+    wait_until(lambda: _subscribers(redis_client, followed) == 0, 5, "the unsubscription")
 
 
 def test_a_gap_in_the_published_sequence_is_filled_from_the_log(store, feed, redis_client):
     job = _new_job(store)
     reader, seen = _follow_in_thread(store, feed, job.id)
-    _wait_for(lambda: _subscribers(redis_client, job) == 1)
+    wait_until(lambda: _subscribers(redis_client, job) == 1, 5, "the subscription")
     store.append(job.id, TokenEvent("a"))
-    _wait_for(lambda: len(seen) == 1)
+    wait_until(lambda: len(seen) == 1, 5, "the first event")
     # An append whose message is lost: same log entry, published where nobody listens.
     keys = [f"dawet:job:{{{job.id}}}", f"dawet:job:{{{job.id}}}:log"]
     store._append(keys=keys, args=[json.dumps(TokenEvent("b").to_dict()), 600, "lost"])
@@ -140,7 +133,7 @@ def test_events_published_while_the_feed_is_disconnected_are_not_lost(store, red
     feed = JobFeed(redis.Redis.from_url(stack.settings.redis_url, client_name=name))
     reader, seen = _follow_in_thread(store, feed, job.id)
     store.append(job.id, TokenEvent("a"))
-    _wait_for(lambda: len(seen) == 1)
+    wait_until(lambda: len(seen) == 1, 5, "the first event")
     feed_id = next(c["id"] for c in redis_client.client_list() if c["name"] == name)
     redis_client.execute_command("CLIENT", "KILL", "ID", feed_id)
     for text in "bcd":
@@ -187,7 +180,7 @@ def test_a_failed_write_refuses_the_jobs_later_events_and_is_reported_at_its_flu
             return True
         return False
 
-    _wait_for(refused)
+    wait_until(refused, 5, "a refused send")
     with pytest.raises(EventWriteFailed):
         writer.flush(job.id)
     writer.send(job.id, TokenEvent("kept"))  # reported once: a job that goes on may write again
@@ -209,7 +202,7 @@ def test_a_cancel_reaches_the_watcher_by_message_by_flag_or_from_before(store, r
     store.cancel(early.id)
     assert cancels.watch(early.id).is_set()  # requested before the job was watched
     live_event, missed_event = cancels.watch(live.id), cancels.watch(missed.id)
-    _wait_for(lambda: redis_client.pubsub_numpat() >= 1)
+    wait_until(lambda: redis_client.pubsub_numpat() >= 1, 5, "a pattern subscriber")
     store.cancel(live.id)
     assert live_event.wait(5)
     redis_client.set(f"dawet:job:{{{missed.id}}}:cancel", 1)  # the flag without its message

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import DEMO_MODEL, ROOT, stream_events, submit
+from conftest import DEMO_MODEL, ROOT, stream_events, submit, wait_until
 from dawet.processes import Stack, free_port
 
 MONITORING = ROOT / "monitoring"
@@ -81,7 +81,7 @@ def prometheus(stack: Stack, tmp_path_factory) -> Iterator[str]:
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: _get(f"{url}/-/ready") is not None, 30, "Prometheus to start")
+        wait_until(lambda: _get(f"{url}/-/ready") is not None, 30, "Prometheus to start", 0.5)
         yield url
     finally:
         process.terminate()
@@ -98,13 +98,6 @@ def _get(url: str, **params) -> dict | None:
         "application/json") else ({} if response.status_code == 200 else None)
 
 
-def _wait(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def query(url: str, expr: str) -> dict:
     """Run an instant query; the whole API answer (status, data or error)."""
     return httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
@@ -117,8 +110,8 @@ def scraped(prometheus: str, stack: Stack) -> str:
         for prompt in ("Saya suka makan", "The weather today is"):
             assert stream_events(submit(client, prompt=prompt, max_new_tokens=8)["stream_url"])
         assert client.post("/v1/generate", content=b"{").status_code == 400
-    _wait(lambda: query(prometheus, "sum(dawet_job_time_to_first_token_seconds_count) >= 2")
-          ["data"]["result"], 30, "Prometheus to scrape the finished jobs")
+    wait_until(lambda: query(prometheus, "sum(dawet_job_time_to_first_token_seconds_count) >= 2")
+               ["data"]["result"], 30, "Prometheus to scrape the finished jobs", 0.5)
     time.sleep(2)  # a second scrape, so rates over the window have two points
     return prometheus
 
@@ -143,8 +136,8 @@ def test_alert_expressions_are_valid(scraped, rule):
 @needs_prometheus
 @pytest.mark.e2e
 def test_the_rules_evaluate_and_flag_a_model_without_workers(scraped):
-    _wait(lambda: not any(r["lastEvaluation"].startswith("0001") for r in _rules(scraped)),
-          15, "every rule to be evaluated")  # 0001-01-01: not evaluated yet
+    wait_until(lambda: not any(r["lastEvaluation"].startswith("0001") for r in _rules(scraped)),
+               15, "every rule to be evaluated", 0.5)  # 0001-01-01: not evaluated yet
     assert {r["name"]: r["health"] for r in _rules(scraped)} == {
         rule["alert"]: "ok" for rule in alert_rules()}
     alerts = _get(f"{scraped}/api/v1/alerts")["data"]["alerts"]
