@@ -2,9 +2,9 @@
 
 One scheduler thread owns the model. `run()` queues a request and waits for its end. Each
 iteration the scheduler drops cancelled rows, admits waiting requests (prompts of equal length
-prefill together, never padded; the prefill's logits give the first token at once), merges their
-KV caches into the running batch (left padding, a 2D attention mask, explicit position ids),
-runs ONE decode step for all rows, samples each row with its request's own Sampler (batched,
+prefill together, never padded; the prefill's logits give the first token at once), copies their
+KV caches into the running batch's preallocated cache (tasks/kvcache.py: rows left-padded,
+explicit position ids), runs ONE decode step for all rows, samples each row with its request's own Sampler (batched,
 tasks/sampling.py), hands each row's step to its request's sink, and evicts the rows that
 ended. Admission is bounded by a batch size and a KV-cache budget; the thread blocks when idle.
 """
@@ -16,12 +16,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 from model_store.loader import LoadedModel
 from tasks.contract import SamplingParams
 from tasks.engine import CANCELLED_STEP, StepSink, TokenStep, step_for
+from tasks.kvcache import KVBatch
 from tasks.metrics import EngineStats
 from tasks.sampling import Sampler, sample_batch
 
@@ -82,58 +81,6 @@ class _Sequence:
         return step
 
 
-def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Pad `tensor` with zeros on the left of dimension `dim` (-1 or -2) up to `width`."""
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    return F.pad(tensor, (missing, 0) if dim == -1 else (0, 0, missing, 0))
-
-
-class KVBatch:
-    """The running batch's KV cache and attention mask, rows left-padded to one length."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cache: DynamicCache | None = None
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
-
-    def add(self, cache: DynamicCache, rows: list[int]) -> None:
-        """Append these rows of a prefill's cache (same-length prompts, no padding) as last rows."""
-        index = torch.tensor(rows, device=self.device)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        ones = torch.ones((len(rows), cache.get_seq_length()), dtype=torch.long, device=self.device)
-        if self.cache is None:
-            self.cache, self.mask = cache, ones
-            return
-        width = max(self.mask.shape[1], ones.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, -2),
-                                     _left_pad(theirs.values, width, -2)])
-        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(ones, width, -1)])
-
-    def grow(self) -> torch.Tensor:
-        """The attention mask for the next decode step: one more real column for every row."""
-        column = torch.ones((self.mask.shape[0], 1), dtype=torch.long, device=self.device)
-        self.mask = torch.cat([self.mask, column], dim=1)
-        return self.mask
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows, then drop leading columns that are padding in every row."""
-        if not rows:
-            self.cache, self.mask = None, self.mask[:0, :0]
-            return
-        index = torch.tensor(rows, device=self.device)
-        mask = self.mask.index_select(0, index)
-        start = int(mask.any(dim=0).int().argmax())  # the first column some row still uses
-        self.mask = mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-
-
 def _same_length(requests: list[_Request]) -> list[list[_Request]]:
     """Group requests by prompt length, so each group prefills as one batch without padding."""
     groups: dict[int, list[_Request]] = {}
@@ -179,7 +126,7 @@ class BatchingEngine:
 
     def stats(self) -> EngineStats:
         """Batch size, waiting requests and the share of the KV budget the padded batch holds."""
-        held = len(self._rows) * self._kv.mask.shape[1]
+        held = len(self._rows) * self._kv.width
         return EngineStats(len(self._rows), len(self._waiting), min(held / self.kv_cache_tokens, 1.0))
 
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
@@ -222,13 +169,12 @@ class BatchingEngine:
         with self._wakeup:
             while not self._rows and not self._waiting and not self._closed:
                 self._wakeup.wait()
+            for request in [r for r in self._waiting if r.stopped]:  # cancelled while waiting
+                self._waiting.remove(request)
+                request.deliver(CANCELLED_STEP)
             admitted: list[_Request] = []
             while self._waiting and not self._closed and self._fits(admitted, self._waiting[0]):
-                request = self._waiting.popleft()
-                if request.stopped:
-                    request.deliver(CANCELLED_STEP)
-                else:
-                    admitted.append(request)
+                admitted.append(self._waiting.popleft())
             return admitted
 
     def _fits(self, admitted: list[_Request], request: _Request) -> bool:
@@ -269,6 +215,7 @@ class BatchingEngine:
         positions = torch.tensor([[s.length - 1] for s in self._rows], device=self._device)
         out = self._model(input_ids=feed, attention_mask=self._kv.grow(), position_ids=positions,
                           past_key_values=self._kv.cache, use_cache=True)
+        self._kv.advance()
         tokens = sample_batch([s.sampler for s in self._rows], out.logits[:, -1, :])
         ended = [self._accept(s, token) for s, token in zip(self._rows, tokens)]
         self._evict([i for i, done in enumerate(ended) if done])
@@ -281,9 +228,8 @@ class BatchingEngine:
             if final is not None:
                 self._rows[index].request.deliver(final)
         gone = set(rows)
-        keep = [i for i in range(len(self._rows)) if i not in gone]
-        self._rows = [self._rows[i] for i in keep]
-        self._kv.keep(keep)
+        order = self._kv.keep([i for i in range(len(self._rows)) if i not in gone])
+        self._rows = [self._rows[i] for i in order]
 
     def _fail_all(self, exc: Exception) -> None:
         """Hand the error to every running request and start over with an empty batch."""

@@ -1,0 +1,146 @@
+"""The running batch's KV cache, preallocated so that a decode step writes in place.
+
+transformers' DynamicCache concatenates each layer's whole cache with the new column at every
+step, so a step copied the batch's entire KV cache. Here each layer has buffers of shape
+(row capacity, kv heads, column capacity, head dim). Rows are left-padded to one window of
+columns [start, end): a step writes every row's new key and value at column `end`. A finished
+row's slot takes the last row (one row copied, not the batch), and `start` moves past columns
+no row uses any more. Buffers grow by doubling, and the window moves back to the left when it
+reaches the right edge, so copying the whole batch is rare.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+MIN_ROWS, MIN_COLUMNS = 8, 64  # the first buffers' size; they double from there
+
+
+class _WindowLayer(DynamicLayer):
+    """One model layer's view of the batch cache, in the interface transformers calls."""
+
+    def __init__(self, batch: KVBatch, index: int):
+        super().__init__()
+        self._batch, self._index = batch, index
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys, self.values = self._batch.write(self._index, key_states, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._batch.width
+
+
+class KVBatch:
+    """The KV cache and attention mask of the running rows, in preallocated buffers."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rows, self.start, self.end = 0, 0, 0
+        self.cache: Cache | None = None
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._mask = torch.zeros((0, 0), dtype=torch.bool, device=device)
+
+    @property
+    def width(self) -> int:
+        """Columns in the window: the longest row's cached tokens."""
+        return self.end - self.start
+
+    def add(self, cache: DynamicCache, rows: list[int]) -> None:
+        """Append these rows of a prefill's cache (same-length prompts, no padding) as last rows."""
+        length, count = cache.get_seq_length(), len(rows)
+        if self.cache is None:
+            self._allocate(cache, max(MIN_ROWS, count), max(MIN_COLUMNS, 2 * (length + 1)))
+        self._make_room(self.rows + count, max(self.width, length))
+        if length > self.width:  # widen the window to the left; old rows are padding there
+            self._mask[:self.rows, self.end - length:self.start] = False
+            self.start = self.end - length
+        index = torch.tensor(rows, device=self.device)
+        new, span = slice(self.rows, self.rows + count), slice(self.end - length, self.end)
+        for layer, keys, values in zip(cache.layers, self._keys, self._values):
+            keys[new, :, span] = layer.keys[index]
+            values[new, :, span] = layer.values[index]
+        self._mask[new, self.start:self.end] = False
+        self._mask[new, span] = True
+        self.rows += count
+
+    def grow(self) -> torch.Tensor:
+        """Open the next column for every row; the decode step's attention mask (rows, 1, 1, width
+        + 1), True where a row attends. Call `advance()` after the step's forward pass."""
+        self._make_room(self.rows, self.width)
+        self._mask[:self.rows, self.end] = True
+        return self._mask[:self.rows, self.start:self.end + 1][:, None, None, :]
+
+    def advance(self) -> None:
+        """The step's column is written in every layer: it joins the window."""
+        self.end += 1
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        """Store a decode step's keys and values (rows, heads, 1, dim) at column `end`; return the
+        layer's window with them."""
+        column, window = slice(self.end, self.end + 1), slice(self.start, self.end + 1)
+        self._keys[layer][:self.rows, :, column] = keys
+        self._values[layer][:self.rows, :, column] = values
+        return self._keys[layer][:self.rows, :, window], self._values[layer][:self.rows, :, window]
+
+    def keep(self, rows: list[int]) -> list[int]:
+        """Keep only these rows (ascending), filling each freed slot with a row from the end.
+        Returns the kept rows' old indices in their new order."""
+        kept, keeping = len(rows), set(rows)
+        holes = [i for i in range(kept) if i not in keeping]
+        movers = [i for i in rows if i >= kept]
+        if holes:
+            self._move(holes, movers)
+        order = list(range(kept))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        self.rows = kept
+        if kept == 0:
+            self.start = self.end  # the buffers stay, for the next rows
+        else:
+            used = self._mask[:kept, self.start:self.end].any(dim=0)
+            self.start += int(used.int().argmax())  # the first column some row still uses
+        return order
+
+    def _move(self, holes: list[int], movers: list[int]) -> None:
+        target = torch.tensor(holes, device=self.device)
+        source = torch.tensor(movers, device=self.device)
+        window = slice(self.start, self.end)
+        for buffer in (*self._keys, *self._values):
+            buffer[target, :, window] = buffer[source, :, window]
+        self._mask[target, window] = self._mask[source, window]
+
+    def _allocate(self, cache: DynamicCache, rows: int, columns: int) -> None:
+        self._keys = [_buffer(layer.keys, rows, columns) for layer in cache.layers]
+        self._values = [_buffer(layer.values, rows, columns) for layer in cache.layers]
+        self._mask = torch.zeros((rows, columns), dtype=torch.bool, device=self.device)
+        self.cache = Cache(layers=[_WindowLayer(self, i) for i in range(len(cache.layers))])
+
+    def _make_room(self, rows: int, width: int) -> None:
+        """Ensure room for `rows` rows and a window `width` wide ending at `end`, with a free
+        column after it: otherwise copy the window into new buffers, right-aligned at `width`."""
+        row_capacity, column_capacity = self._mask.shape
+        if rows <= row_capacity and width <= self.end < column_capacity:
+            return
+        while rows > row_capacity:
+            row_capacity *= 2
+        while 2 * (width + 1) > column_capacity:  # half the buffer stays free: moves are rare
+            column_capacity *= 2
+        old = slice(self.start, self.end)
+        new = slice(width - self.width, width)
+        for buffers in (self._keys, self._values):
+            for i, buffer in enumerate(buffers):
+                moved = _buffer(buffer, row_capacity, column_capacity)
+                moved[:self.rows, :, new] = buffer[:self.rows, :, old]
+                buffers[i] = moved
+        mask = torch.zeros((row_capacity, column_capacity), dtype=torch.bool, device=self.device)
+        mask[:self.rows, new] = self._mask[:self.rows, old]
+        self._mask, self.start, self.end = mask, new.start, new.stop
+
+
+def _buffer(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Zeros (finite, so masked-out columns cannot turn attention into NaN) shaped for a layer."""
+    _, heads, _, dim = like.shape
+    return torch.zeros((rows, heads, columns, dim), dtype=like.dtype, device=like.device)
