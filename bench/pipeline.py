@@ -135,7 +135,7 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace) -> list[dict
     from model_store.loader import load_model
     from model_store.registry import load_registry
     from tasks.batching import BatchingEngine
-    from tasks.engine import SequentialEngine
+    from tasks.sequential import SequentialEngine
 
     loaded = load_model(load_registry(ROOT / "models.toml").get(model))
     batching = BatchingEngine(loaded, args.max_batch, stack.settings.kv_cache_tokens)

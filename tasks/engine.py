@@ -4,6 +4,7 @@ The interface is small on purpose: `run()` hands each step of one request to a s
 whichever thread the engine likes, and returns when the sequence ends. The sink returns True to
 abandon the request (a stop sequence), which frees its slot; setting the `cancel` event stops
 it at its next step with finish reason `cancelled`. `iterate()` turns a run into an iterator.
+No torch here: a worker whose engine runs in its own process never imports it.
 """
 from __future__ import annotations
 
@@ -14,11 +15,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
-from model_store.loader import LoadedModel
 from tasks.contract import FinishReason, SamplingParams
-from tasks.sampling import Sampler
+from tasks.metrics import EngineStats
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,9 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release the engine's threads at worker shutdown."""
+
+    def stats(self) -> EngineStats:
+        """Batch size, waiting requests and KV-cache use now, for the worker's metrics."""
 
 
 def iterate(engine: Engine, prompt_ids: list[int], params: SamplingParams,
@@ -95,39 +96,3 @@ def step_for(token: int, produced: int, params: SamplingParams,
         return TokenStep(None, FinishReason.STOP)
     at_limit = produced == params.max_new_tokens
     return TokenStep(token, FinishReason.LENGTH if at_limit else None)
-
-
-class SequentialEngine:
-    """One request at a time through the model, with a KV cache: the simple baseline."""
-
-    def __init__(self, loaded: LoadedModel):
-        self._loaded = loaded
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        """Nothing to release: the engine runs on its callers' threads."""
-
-    def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
-            sink: StepSink) -> None:
-        """Generate on the caller's thread; one request at a time."""
-        with self._lock:
-            drive(self._decode(prompt_ids, params, cancel), sink)
-
-    def _decode(self, prompt_ids: list[int], params: SamplingParams,
-                cancel: threading.Event) -> Iterator[TokenStep]:
-        model, device = self._loaded.model, self._loaded.device
-        eos_ids = self._loaded.tokenizer.eos_token_ids
-        sampler = Sampler(params, prompt_ids, eos_ids, device)
-        step_input, cache = torch.tensor([prompt_ids], device=device), None
-        for produced in range(1, params.max_new_tokens + 1):
-            if cancel.is_set():
-                yield CANCELLED_STEP
-                return
-            with torch.inference_mode():
-                out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            step = step_for(sampler.next_token(out.logits[:, -1, :]), produced, params, eos_ids)
-            yield step
-            if step.finish is not None:
-                return
-            step_input = torch.tensor([[step.token_id]], device=device)

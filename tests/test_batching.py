@@ -13,7 +13,8 @@ from model_store.loader import LoadedModel, load_model
 from model_store.registry import load_registry
 from tasks.batching import BatchingEngine
 from tasks.contract import FinishReason, Job, SamplingParams
-from tasks.engine import SequentialEngine, TokenStep, iterate
+from tasks.engine import TokenStep, iterate
+from tasks.sequential import SequentialEngine
 from tasks.joblog import JobStore
 from tasks.runner import JobRunner
 

@@ -25,7 +25,8 @@ def _prompt(loaded, text="Hello, what should I cook today?") -> list[int]:
 
 
 def _generate(loaded, **params) -> tuple[list[int], FinishReason]:
-    from tasks.engine import SequentialEngine, iterate
+    from tasks.engine import iterate
+    from tasks.sequential import SequentialEngine
 
     steps = list(iterate(SequentialEngine(loaded), _prompt(loaded), SamplingParams(**params)))
     return [s.token_id for s in steps if s.token_id is not None], steps[-1].finish
