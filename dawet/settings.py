@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # How a worker runs its jobs: `batching` decodes all running jobs as one batch per step
     # (continuous batching); `sequential` runs one job at a time (the baseline).
     engine: Literal["batching", "sequential"] = "batching"
+    # Run the engine in a child process of the worker (the model loads there), so the decode
+    # loop has a GIL of its own; false runs it on the worker's threads (simpler to debug).
+    engine_process: bool = True
     # Most sequences in one batch; more jobs wait for a free slot.
     max_batch_size: int = Field(32, ge=1)
     # KV-cache budget in tokens per worker: rows x the longest (prompt + max_new_tokens) in the

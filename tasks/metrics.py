@@ -4,9 +4,9 @@ A worker is one process (threads or solo pool), so the default registry holds ev
 `prometheus_client.start_http_server` serves it on DAWET_WORKER_METRICS_PORT. Job timings
 come from the runner's Clock, through the job's terminal event, so they are computed once.
 
-Engine hook: a batching engine calls `report_engine_stats(fn)` once, with `fn() -> EngineStats`
-(batch size, waiting requests, KV-cache use). Without it the batch size is the number of jobs
-decoding (exact for SequentialEngine) and KV-cache use is absent.
+Engine hook: the worker calls `report_engine_stats(engine.stats)` once; `stats() -> EngineStats`
+gives batch size, waiting requests, KV-cache use and, from an engine process, its GPU memory.
+Without the hook the batch size is the number of jobs decoding and KV-cache use is absent.
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ class EngineStats:
     batch_size: int
     waiting: int | None = None  # requests the engine holds but has not scheduled
     kv_cache_usage: float | None = None  # fraction of KV-cache blocks in use, 0..1
+    # bytes allocated on each visible GPU, when the engine runs in a process of its own
+    gpu_memory_bytes: tuple[int, ...] | None = None
 
 
 class InFlight:
@@ -153,7 +155,7 @@ class RuntimeCollector:
         if stats is not None and stats.kv_cache_usage is not None:
             yield _gauge("dawet_kv_cache_usage_ratio", "Fraction of the KV cache in use.",
                          self._model, stats.kv_cache_usage)
-        yield from gpu_memory()
+        yield from gpu_memory(stats.gpu_memory_bytes if stats is not None else None)
 
 
 def _gauge(name: str, documentation: str, model: str, value: float) -> GaugeMetricFamily:
@@ -162,25 +164,35 @@ def _gauge(name: str, documentation: str, model: str, value: float) -> GaugeMetr
     return family
 
 
-def gpu_memory() -> Iterator[GaugeMetricFamily]:
-    """Bytes allocated by torch on each visible GPU; nothing without CUDA."""
+def cuda_memory_allocated() -> tuple[int, ...]:
+    """Bytes torch has allocated on each visible GPU of this process; () without CUDA."""
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
+        return ()
+    return tuple(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
+def gpu_memory(allocated: tuple[int, ...] | None = None) -> Iterator[GaugeMetricFamily]:
+    """GPU memory held by the worker's tensors: as the engine reported it, else this process's."""
+    allocated = cuda_memory_allocated() if allocated is None else allocated
+    if not allocated:
         return
     family = GaugeMetricFamily("dawet_gpu_memory_allocated_bytes",
                                "GPU memory held by tensors of this worker.", labels=["device"])
-    for index in range(torch.cuda.device_count()):
-        family.add_metric([str(index)], torch.cuda.memory_allocated(index))
+    for index, size in enumerate(allocated):
+        family.add_metric([str(index)], size)
     yield family
 
 
-def start_worker_metrics(host: str, port: int, model: str, worker: str, loaded) -> None:
-    """Publish this worker's static facts and serve /metrics on host:port (port 0: not at all)."""
+def start_worker_metrics(host: str, port: int, model: str, worker: str, info) -> None:
+    """Publish this worker's static facts and serve /metrics on host:port (port 0: not at all).
+
+    `info` is the engine's EngineInfo: backend, device and load time."""
     if port == 0:
         return
-    BUILD.info({"version": _version(), "backend": loaded.backend.value,
-                "device": str(loaded.device), "model": model})
-    MODEL_LOAD_SECONDS.labels(model).set(loaded.load_seconds)
+    BUILD.info({"version": _version(), "backend": info.backend, "device": info.device,
+                "model": model})
+    MODEL_LOAD_SECONDS.labels(model).set(info.load_seconds)
     WORKER_UP.labels(model, worker).set(1)
     REGISTRY.register(RuntimeCollector(model))
     try:

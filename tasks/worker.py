@@ -19,17 +19,17 @@ from celery.signals import worker_shutdown
 
 from dawet.settings import get_settings, pin_gpu
 from model_store.registry import ModelSpec, load_registry
+from model_store.tokenizer import ChatTokenizer
 from tasks.brokerfix import tolerate_detached_channels
+from tasks.engine_process import (GIL_SWITCH_SECONDS, EngineInfo, engine_options,
+                                  start_engine)
 from tasks.guard import build_guard
 from tasks.metrics import heartbeat_marked, report_engine_stats, start_worker_metrics
 from tasks.workers import Heartbeat, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
-# CPython lets a thread that wants the GIL wait up to this long (5 ms by default) while another
-# runs Python. The scheduler runs Python most of the time, so the event writer and Celery's
-# threads would wait that long at every hand-off; 1 ms measured faster and steadier (make bench).
-GIL_SWITCH_SECONDS = 0.001
+EXIT_ENGINE_LOST = 70  # EX_SOFTWARE: the worker exits with it when its engine process dies
 
 
 @dataclass
@@ -72,15 +72,15 @@ class ModelStep(bootsteps.StartStopStep):
         global _runtime
         settings = get_settings()
         client = redis.Redis.from_url(settings.redis_url_or_fallback())
-        runner, engine, loaded = _build_runner(self.spec, client, worker.hostname)
+        runner, engine, info = _build_runner(self.spec, client, worker.hostname)
         guard = build_guard(settings, worker.app, client, runner, worker.hostname)
         _runtime = WorkerRuntime(self.spec, runner, engine, time.time(), guard)
-        record = _record_fn(self.spec, worker.hostname, loaded.device, loaded.load_seconds)
+        record = _record_fn(self.spec, worker.hostname, info)
         record = heartbeat_marked(self.spec.name, worker.hostname, record)
         self.heartbeat = Heartbeat(WorkerRegistry(client, settings.heartbeat_seconds), record)
         self.heartbeat.start()
         start_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port,
-                             self.spec.name, worker.hostname, loaded)
+                             self.spec.name, worker.hostname, info)
         logger.info("worker %s serves %s from queue %s", worker.hostname, self.spec.name,
                     self.spec.queue)
 
@@ -99,53 +99,39 @@ def _close_engine(**_) -> None:
 
 
 def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
-    """Load the model and wire engine, job store, cancel listener and runner (imports torch)."""
-    from model_store.loader import load_model
+    """Start the engine (it loads the model) and wire job store, cancel listener and runner."""
     from tasks.joblog import CancelListener, JobStore
     from tasks.runner import JobRunner
 
     settings = get_settings()
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-    loaded = load_model(spec)
-    engine = _build_engine(loaded)
+    engine, info = start_engine(spec, engine_options(settings), settings.engine_process,
+                                on_lost=_exit_with_engine)
+    report_engine_stats(engine.stats)
     store = JobStore(client, settings.job_ttl_seconds)
     cancels = CancelListener(redis.Redis.from_url(settings.redis_url_or_fallback()), store,
                              settings.cancel_poll_seconds)
     cancels.start()
-    runner = JobRunner(store, engine, loaded.tokenizer, worker_name,
+    runner = JobRunner(store, engine, ChatTokenizer(spec.path), worker_name,
                        settings.stream_chunk_seconds, cancels)
-    return runner, engine, loaded
+    return runner, engine, info
 
 
-def _build_engine(loaded):
-    """The engine the settings choose: continuous batching, or one job at a time."""
-    from tasks.batching import BatchingEngine
-    from tasks.engine import SequentialEngine
-
-    settings = get_settings()
-    logger.info("engine: %s (max batch %d, KV budget %d tokens)", settings.engine,
-                settings.max_batch_size, settings.kv_cache_tokens)
-    if settings.engine == "sequential":
-        return SequentialEngine(loaded)
-    engine = BatchingEngine(loaded, settings.max_batch_size, settings.kv_cache_tokens)
-    report_engine_stats(engine.stats)
-    return engine
+def _exit_with_engine() -> None:
+    """The engine process died: exit at once, before a running job is failed, so the jobs'
+    leases lapse and they run again on another worker (as if this worker had been killed)."""
+    logger.critical("the engine process died; exiting so that running jobs are re-run")
+    os._exit(EXIT_ENGINE_LOST)
 
 
-def _record_fn(spec: ModelSpec, worker_name: str, device, load_seconds: float):
+def _record_fn(spec: ModelSpec, worker_name: str, info: EngineInfo):
     """A function producing this worker's liveness record for each heartbeat."""
-    from model_store.loader import load_count
-
     started_at = time.time()
 
     def record() -> dict:
         return {"worker": worker_name, "model": spec.name, "pid": os.getpid(),
-                "device": str(device), "model_loads": load_count(),
-                "load_seconds": round(load_seconds, 3), "started_at": started_at,
+                "device": info.device, "model_loads": info.model_loads,
+                "load_seconds": round(info.load_seconds, 3), "started_at": started_at,
                 "heartbeat_at": time.time()}
 
     return record

@@ -1,0 +1,381 @@
+"""Run a worker's engine in a process of its own, as vLLM runs its engine core.
+
+The batching scheduler runs Python between every torch op. Inside the Celery worker it shares
+one GIL with Celery's threads, the event writer, the cancel listener and the step sinks, and
+any of them holding the GIL (or descheduled while holding it) stalls the decode step for
+everyone. So a worker starts its engine in a child process that holds only the model, the
+scheduler and a thread reading requests. Steps come back over a pipe; the worker's side
+decodes them into text and events on its own cores. The model is loaded once, in the child.
+
+Messages are pickled tuples over one duplex pipe:
+  worker → engine  (ModelSpec, EngineOptions) first; then ("submit", rid, prompt_ids, params),
+                   ("stop", rid), ("stats",), ("close",)
+  engine → worker  ("ready", EngineInfo) or ("failed", reason), once at start;
+                   ("step", rid, token_id, finish), ("end", rid, error | None), ("stats", EngineStats)
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+
+from model_store.registry import ModelSpec
+from tasks.contract import SamplingParams
+from tasks.engine import StepSink, TokenStep
+from tasks.metrics import EngineStats
+
+logger = logging.getLogger(__name__)
+
+# CPython lets a thread that wants the GIL wait up to this long (5 ms by default) while another
+# runs Python. The scheduler runs Python most of the time, so threads beside it would wait that
+# long at every hand-off; 1 ms measured faster and steadier (make bench).
+GIL_SWITCH_SECONDS = 0.001
+STATS_TIMEOUT_SECONDS = 1.0  # how long a metrics scrape waits for the engine's numbers
+CANCEL_CHECK_SECONDS = 0.05  # how often the worker's side forwards cancels of waiting requests
+PR_SET_PDEATHSIG = 1
+
+
+class EngineLost(RuntimeError):
+    """The engine process exited while requests were running."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to build the engine: everything the child needs besides the model's spec."""
+
+    kind: str = "batching"  # batching | sequential
+    max_batch_size: int = 32
+    kv_cache_tokens: int = 65_536
+    torch_threads: int = 0  # 0 keeps torch's default
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the loaded model is, for the worker's heartbeat and metrics."""
+
+    backend: str
+    device: str
+    load_seconds: float
+    model_loads: int
+
+
+def configure_engine_thread_use(options: EngineOptions) -> None:
+    """GIL switch interval and torch threads, set before the model loads."""
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+    if options.torch_threads:
+        import torch
+
+        torch.set_num_threads(options.torch_threads)
+
+
+def build_engine(loaded, options: EngineOptions):
+    """The engine the options choose: continuous batching, or one job at a time."""
+    from tasks.batching import BatchingEngine
+    from tasks.sequential import SequentialEngine
+
+    logger.info("engine: %s (max batch %d, KV budget %d tokens)", options.kind,
+                options.max_batch_size, options.kv_cache_tokens)
+    if options.kind == "sequential":
+        return SequentialEngine(loaded)
+    return BatchingEngine(loaded, options.max_batch_size, options.kv_cache_tokens)
+
+
+def engine_options(settings) -> EngineOptions:
+    """The engine options a worker's settings (dawet.settings.Settings) choose."""
+    return EngineOptions(settings.engine, settings.max_batch_size, settings.kv_cache_tokens,
+                         settings.torch_threads, settings.log_level)
+
+
+def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = True,
+                 on_lost=None):
+    """Load the model and start its engine: (engine, EngineInfo). `own_process` runs it in a
+    child process (EngineProcess); otherwise it runs on this process's threads."""
+    if own_process:
+        engine = EngineProcess(spec, options, on_lost)
+        return engine, engine.info
+    from model_store.loader import load_count, load_model
+
+    configure_engine_thread_use(options)
+    loaded = load_model(spec)
+    info = EngineInfo(loaded.backend.value, str(loaded.device), loaded.load_seconds, load_count())
+    return build_engine(loaded, options), info
+
+
+@dataclass(eq=False)
+class _Run:
+    """A request in flight, seen from the worker's side."""
+
+    sink: StepSink
+    cancel: threading.Event
+    finished: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    stop_sent: bool = False
+
+
+class EngineProcess:
+    """The Engine interface, served by a child process that owns the model.
+
+    `on_lost` runs if the child dies. A worker passes one that exits at once, before any
+    running job can be failed, so the jobs' leases lapse and they are re-run elsewhere.
+    """
+
+    def __init__(self, spec: ModelSpec, options: EngineOptions, on_lost=None,
+                 start_timeout: float = 900.0):
+        # A fresh interpreter (not a fork: CUDA must not be inherited, and not multiprocessing's
+        # spawn, which re-imports the parent's main script) with one end of a socket pair.
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen([sys.executable, "-m", "tasks.engine_process",
+                                          str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._on_lost, self._closing = on_lost, False
+        self._send_lock = threading.Lock()
+        self._runs: dict[int, _Run] = {}
+        self._ids = itertools.count(1)
+        self._stats = EngineStats(0, 0, 0.0)
+        self._stats_lock, self._stats_answered = threading.Lock(), threading.Event()
+        self._send((spec, options))
+        self.info = self._await_ready(start_timeout)
+        threading.Thread(target=self._read, name="dawet-engine-reader", daemon=True).start()
+        threading.Thread(target=self._watch_cancels, name="dawet-engine-cancels",
+                         daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def stats(self) -> EngineStats:
+        """Batch size, waiting requests, KV-cache use and GPU memory, asked of the engine now
+        (the last answer if it does not answer within STATS_TIMEOUT_SECONDS)."""
+        with self._stats_lock:
+            self._stats_answered.clear()
+            try:
+                self._send(("stats",))
+            except EngineLost:
+                return self._stats
+            self._stats_answered.wait(STATS_TIMEOUT_SECONDS)
+            return self._stats
+
+    def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+            sink: StepSink) -> None:
+        """Submit the request and wait for its end; steps reach `sink` on the reader thread."""
+        rid, run = next(self._ids), _Run(sink, cancel)
+        self._runs[rid] = run
+        try:
+            self._send(("submit", rid, list(prompt_ids), params))
+            run.finished.wait()
+        finally:
+            self._runs.pop(rid, None)
+        if run.error is not None:
+            raise run.error
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the engine process to stop, and wait for it."""
+        self._closing = True
+        try:
+            self._send(("close",))
+        except (OSError, EngineLost):
+            pass  # already gone
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError) as exc:
+                raise EngineLost("the engine process is gone") from exc
+
+    def _stop(self, rid: int, run: _Run) -> None:
+        if not run.stop_sent:
+            run.stop_sent = True
+            self._send(("stop", rid))
+
+    def _watch_cancels(self) -> None:
+        """Forward cancels of requests the engine holds. A running request's sink also sees
+        its cancel at the next step; this reaches requests still waiting for a slot."""
+        while not self._closing:
+            time.sleep(CANCEL_CHECK_SECONDS)
+            for rid, run in list(self._runs.items()):
+                if run.cancel.is_set() and not run.finished.is_set():
+                    try:
+                        self._stop(rid, run)
+                    except EngineLost:
+                        return
+
+    def _await_ready(self, timeout: float) -> EngineInfo:
+        """Wait for the child to load the model; raise with its reason if it could not."""
+        if not self._conn.poll(timeout):
+            self._process.kill()
+            raise EngineLost(f"the engine process did not start within {timeout:.0f}s")
+        try:
+            kind, detail = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise EngineLost(f"the engine process exited (code {self._process.wait()})") from exc
+        if kind != "ready":
+            self._process.wait()
+            raise RuntimeError(f"the engine could not start: {detail}")
+        return detail
+
+    def _read(self) -> None:
+        """Dispatch the engine's messages until it exits."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind, *body = message
+            if kind == "step":
+                self._deliver(body[0], TokenStep(body[1], body[2]))
+            elif kind == "end":
+                self._end(body[0], body[1])
+            elif kind == "stats":
+                self._stats = body[0]
+                self._stats_answered.set()
+        if not self._closing:
+            self._lost()
+
+    def _deliver(self, rid: int, step: TokenStep) -> None:
+        """Hand a step to its run's sink; stop the request in the engine if the sink says so."""
+        run = self._runs.get(rid)
+        if run is None or run.finished.is_set():
+            return  # ended on this side already: late steps go nowhere
+        try:
+            stop = bool(run.sink(step))
+        except Exception as exc:  # a failing sink ends its own request only
+            run.error, stop = exc, True
+        if stop or step.finish is not None:
+            if step.finish is None:
+                self._stop(rid, run)
+            run.finished.set()
+
+    def _end(self, rid: int, error: BaseException | None) -> None:
+        run = self._runs.get(rid)
+        if run is not None and not run.finished.is_set():
+            run.error = error
+            run.finished.set()
+
+    def _lost(self) -> None:
+        try:
+            code = self._process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        logger.critical("the engine process exited (code %s)", code)
+        if self._on_lost is not None:
+            self._on_lost()
+        for run in list(self._runs.values()):
+            run.error = EngineLost("the engine process exited")
+            run.finished.set()
+
+
+class _Outbox:
+    """The child's end of the pipe, shared by the scheduler, request and stats threads."""
+
+    def __init__(self, conn):
+        self._conn, self._lock = conn, threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+
+def serve(conn: Connection) -> None:
+    """The engine process: load the model, report ready, then serve requests until closed."""
+    _detach_from_signals()
+    spec, options = conn.recv()
+    logging.basicConfig(level=options.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine, info = start_engine(spec, options, own_process=False)
+    except Exception as exc:  # reported to the worker, which fails its start with it
+        logger.exception("could not start the engine")
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    outbox = _Outbox(conn)
+    outbox.send(("ready", info))
+    _serve_requests(conn, engine, outbox)
+
+
+def _detach_from_signals() -> None:
+    """The worker decides when the engine stops: ignore a terminal's Ctrl-C or a group's
+    SIGTERM (the worker drains its jobs first), and die with the worker if it is killed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the closed pipe still ends the process
+
+
+def _serve_requests(conn, engine, outbox: _Outbox) -> None:
+    """Read requests until the worker closes the engine or goes away."""
+    cancels: dict[int, threading.Event] = {}
+    while True:
+        try:
+            kind, *body = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)  # the worker is gone: nobody is left to read steps
+        if kind == "submit":
+            rid, prompt_ids, params = body
+            cancels[rid] = threading.Event()
+            threading.Thread(target=_run_request, name=f"dawet-request-{rid}", daemon=True,
+                             args=(engine, outbox, cancels, rid, prompt_ids, params)).start()
+        elif kind == "stop" and body[0] in cancels:
+            cancels[body[0]].set()
+        elif kind == "stats":
+            outbox.send(("stats", _stats_of(engine)))
+        elif kind == "close":
+            engine.close()
+            return
+
+
+def _run_request(engine, outbox: _Outbox, cancels: dict[int, threading.Event], rid: int,
+                 prompt_ids: list[int], params: SamplingParams) -> None:
+    """Run one request on the engine, sending each step, then its end, to the worker."""
+
+    def sink(step: TokenStep) -> None:
+        outbox.send(("step", rid, step.token_id, step.finish))
+
+    error = None
+    try:
+        engine.run(prompt_ids, params, cancels[rid], sink)
+    except Exception as exc:  # handed to the worker's run(), which raises it
+        error = _picklable(exc)
+    finally:
+        cancels.pop(rid, None)
+    outbox.send(("end", rid, error))
+
+
+def _picklable(exc: Exception) -> Exception:
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:  # noqa: BLE001 - any pickling failure: keep the message
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _stats_of(engine) -> EngineStats:
+    from tasks.metrics import cuda_memory_allocated
+
+    return replace(engine.stats(), gpu_memory_bytes=cuda_memory_allocated())
+
+
+if __name__ == "__main__":
+    # Run the module's importable copy, so what is pickled names tasks.engine_process, not __main__.
+    from tasks.engine_process import serve as serve_imported
+
+    serve_imported(Connection(int(sys.argv[1])))
