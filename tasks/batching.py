@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -98,10 +99,12 @@ class BatchingEngine:
     interval while the scheduler runs Python.
     """
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int):
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int,
+                 after_steps: Callable[[], None] | None = None):
         self._model, self._device = loaded.model, loaded.device
         self._eos_ids = loaded.tokenizer.eos_token_ids
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
+        self._after_steps = after_steps  # called after a forward pass's steps reached sinks
         self._waiting: deque[_Request] = deque()
         self._wakeup = threading.Condition()
         self._rows: list[_Sequence] = []
@@ -154,8 +157,10 @@ class BatchingEngine:
                                 CANCELLED_STEP)
                     for group in _same_length(self._admissions()):
                         self._prefill(group)
+                        self._steps_delivered()  # first tokens go out before the decode step
                     if self._rows:
                         self._decode_step()
+                        self._steps_delivered()
                 except Exception as exc:  # the boundary: fail the batch, keep serving
                     logger.exception("batched decode step failed")
                     self._fail_all(exc)
@@ -163,6 +168,10 @@ class BatchingEngine:
         with self._wakeup:
             for request in self._waiting:
                 request.deliver(RuntimeError("the engine was closed"))
+
+    def _steps_delivered(self) -> None:
+        if self._after_steps is not None:
+            self._after_steps()
 
     def _admissions(self) -> list[_Request]:
         """Take the waiting requests that fit the batch and the KV budget; wait while idle."""

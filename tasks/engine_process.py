@@ -11,7 +11,8 @@ Messages are pickled tuples over one duplex pipe:
   worker → engine  (ModelSpec, EngineOptions) first; then ("submit", rid, prompt_ids, params),
                    ("stop", rid), ("stats",), ("close",)
   engine → worker  ("ready", EngineInfo) or ("failed", reason), once at start;
-                   ("step", rid, token_id, finish), ("end", rid, error | None), ("stats", EngineStats)
+                   ("step", rid, token_id, finish), ("end", rid, error | None), ("stats", EngineStats),
+                   and ("batch", [those]): one iteration's steps in one message
 """
 from __future__ import annotations
 
@@ -79,8 +80,9 @@ def configure_engine_thread_use(options: EngineOptions) -> None:
         torch.set_num_threads(options.torch_threads)
 
 
-def build_engine(loaded, options: EngineOptions):
-    """The engine the options choose: continuous batching, or one job at a time."""
+def build_engine(loaded, options: EngineOptions, after_steps=None):
+    """The engine the options choose: continuous batching, or one job at a time. A batching
+    engine calls `after_steps()` each time a forward pass has handed its steps to sinks."""
     from tasks.batching import BatchingEngine
     from tasks.sequential import SequentialEngine
 
@@ -88,7 +90,7 @@ def build_engine(loaded, options: EngineOptions):
                 options.max_batch_size, options.kv_cache_tokens)
     if options.kind == "sequential":
         return SequentialEngine(loaded)
-    return BatchingEngine(loaded, options.max_batch_size, options.kv_cache_tokens)
+    return BatchingEngine(loaded, options.max_batch_size, options.kv_cache_tokens, after_steps)
 
 
 def engine_options(settings) -> EngineOptions:
@@ -98,7 +100,7 @@ def engine_options(settings) -> EngineOptions:
 
 
 def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = True,
-                 on_lost=None):
+                 on_lost=None, after_steps=None):
     """Load the model and start its engine: (engine, EngineInfo). `own_process` runs it in a
     child process (EngineProcess); otherwise it runs on this process's threads."""
     if own_process:
@@ -109,7 +111,7 @@ def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = Tr
     configure_engine_thread_use(options)
     loaded = load_model(spec)
     info = EngineInfo(loaded.backend.value, str(loaded.device), loaded.load_seconds, load_count())
-    return build_engine(loaded, options), info
+    return build_engine(loaded, options, after_steps), info
 
 
 @dataclass(eq=False)
@@ -238,16 +240,19 @@ class EngineProcess:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            kind, *body = message
-            if kind == "step":
-                self._deliver(body[0], TokenStep(body[1], body[2]))
-            elif kind == "end":
-                self._end(body[0], body[1])
-            elif kind == "stats":
-                self._stats = body[0]
-                self._stats_answered.set()
+            for kind, *body in message[1] if message[0] == "batch" else [message]:
+                self._dispatch(kind, body)
         if not self._closing:
             self._lost()
+
+    def _dispatch(self, kind: str, body: list) -> None:
+        if kind == "step":
+            self._deliver(body[0], TokenStep(body[1], body[2]))
+        elif kind == "end":
+            self._end(body[0], body[1])
+        elif kind == "stats":
+            self._stats = body[0]
+            self._stats_answered.set()
 
     def _deliver(self, rid: int, step: TokenStep) -> None:
         """Hand a step to its run's sink; stop the request in the engine if the sink says so."""
@@ -283,10 +288,33 @@ class EngineProcess:
 
 
 class _Outbox:
-    """The child's end of the pipe, shared by the scheduler, request and stats threads."""
+    """The child's end of the pipe. A batching engine's steps wait in a list until `flush()`,
+    which it calls after each forward pass, so a decode step of N rows is one message, not N."""
 
-    def __init__(self, conn):
-        self._conn, self._lock = conn, threading.Lock()
+    def __init__(self, conn, batched: bool):
+        self._conn, self._batched = conn, batched
+        self._lock = threading.Lock()
+        self._pending: list[tuple] = []
+
+    def step(self, rid: int, step: TokenStep) -> None:
+        message = ("step", rid, step.token_id, step.finish)
+        if not self._batched:
+            self.send(message)
+            return
+        with self._lock:
+            self._pending.append(message)
+
+    def end(self, rid: int, error: BaseException | None) -> None:
+        """A request ended: send at once, after the steps before it."""
+        with self._lock:
+            self._pending.append(("end", rid, error))
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            if pending:
+                self._conn.send(("batch", pending))
 
     def send(self, message: tuple) -> None:
         with self._lock:
@@ -299,13 +327,13 @@ def serve(conn: Connection) -> None:
     spec, options = conn.recv()
     logging.basicConfig(level=options.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    outbox = _Outbox(conn, batched=options.kind == "batching")
     try:
-        engine, info = start_engine(spec, options, own_process=False)
+        engine, info = start_engine(spec, options, own_process=False, after_steps=outbox.flush)
     except Exception as exc:  # reported to the worker, which fails its start with it
         logger.exception("could not start the engine")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    outbox = _Outbox(conn)
     outbox.send(("ready", info))
     _serve_requests(conn, engine, outbox)
 
@@ -348,7 +376,7 @@ def _run_request(engine, outbox: _Outbox, cancels: dict[int, threading.Event], r
     """Run one request on the engine, sending each step, then its end, to the worker."""
 
     def sink(step: TokenStep) -> None:
-        outbox.send(("step", rid, step.token_id, step.finish))
+        outbox.step(rid, step)
 
     error = None
     try:
@@ -357,7 +385,7 @@ def _run_request(engine, outbox: _Outbox, cancels: dict[int, threading.Event], r
         error = _picklable(exc)
     finally:
         cancels.pop(rid, None)
-    outbox.send(("end", rid, error))
+    outbox.end(rid, error)
 
 
 def _picklable(exc: Exception) -> Exception:
