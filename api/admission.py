@@ -25,6 +25,8 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 RATE_WINDOW_SECONDS = 60
 QUEUE_FULL_RETRY_AFTER_SECONDS = 5
 QUEUE_ESTIMATE_SECONDS = 1.0  # how long a queue count may be reused, far from the limit
+# kombu's Redis transport keeps a queue as one list per priority step (0, 3, 6, 9).
+KOMBU_REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 # Fixed one-minute windows: refuse (1: requests, 2: tokens) or count the request and its tokens.
 _RATE = """
@@ -52,6 +54,14 @@ def too_many(message: str, code: str, retry_after: float) -> APIError:
                     headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
+def _broker_redis(settings: Settings, client: redis.Redis) -> redis.Redis | None:
+    """A client for the broker when it is Redis (the job store's own when they are one)."""
+    url = settings.broker_url_or_redis()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return client if url == settings.redis_url_or_fallback() else redis.Redis.from_url(url)
+
+
 class Admission:
     """The checks a submission passes before its job is queued."""
 
@@ -61,6 +71,7 @@ class Admission:
         self._rate = client.register_script(_RATE)
         self._queue_estimates: dict[str, tuple[int, float]] = {}  # queue -> (jobs, read at)
         self._lock = threading.Lock()
+        self._broker_redis = _broker_redis(settings, client)
 
     def check_model_access(self, spec: ModelSpec) -> None:
         """A 403 when the request's API key is scoped to other models."""
@@ -106,7 +117,15 @@ class Admission:
             self._queue_estimates[spec.queue] = (jobs + 1, read_at)  # counting this job
 
     def waiting_jobs(self, queue: str) -> int:
-        """Messages waiting in a broker queue (not those a worker holds)."""
+        """Messages waiting in a broker queue (not those a worker holds).
+
+        A Redis broker is asked directly, in one round trip: going through kombu (a pooled
+        connection, a channel, a passive declare) took over 100 ms under load."""
+        if self._broker_redis is not None:
+            with self._broker_redis.pipeline(transaction=False) as pipe:
+                for suffix in KOMBU_REDIS_PRIORITY_SUFFIXES:
+                    pipe.llen(queue + suffix)
+                return sum(pipe.execute())
         with self._celery.pool.acquire(block=True, timeout=5) as connection:
             try:
                 return connection.default_channel.queue_declare(
