@@ -40,8 +40,10 @@ class JobGuard:
 
     def _expire_if_late(self, job: Job) -> bool:
         """End a job that never started and whose deadline passed with deadline_exceeded."""
+        if not job.expired(time.time()):
+            return False  # the common case costs no round trip
         last = self._store.last_event(job.id)
-        if not (job.expired(time.time()) and last and last.get("state") == "queued"):
+        if not (last and last.get("state") == "queued"):
             return False
         self._store.append(job.id, ErrorEvent(DEADLINE_ERROR))
         logger.info("job %s expired before it started", job.id)
