@@ -33,8 +33,12 @@ def create_celery(settings: Settings) -> Celery:
 
 
 def send_job(app: Celery, job: Job, queue: str) -> None:
-    """Queue a job for its model's workers; the Celery task id is the job id."""
-    app.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")], queue=queue, task_id=job.id)
+    """Queue a job for its model's workers; the Celery task id is the job id.
+
+    The repr Celery shows for the task's arguments is the job id: by default it would format
+    the whole job, prompt token ids included, on every submission."""
+    app.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")], queue=queue, task_id=job.id,
+                  argsrepr=f"(job {job.id},)", kwargsrepr="{}")
 
 
 def _add_worker_options(app: Celery) -> None:

@@ -66,12 +66,14 @@ class JobStore:
     def create(self, job: Job, first: Event | None = None) -> None:
         """Record a new job, its log empty or holding `first`, in one round trip."""
         key = _job_key(job.id)
-        with self.redis.pipeline(transaction=False) as pipe:
+
+        def commands(pipe: redis.client.Pipeline) -> None:
             pipe.hset(key, mapping={"job": job.model_dump_json(), "seq": 0})
             pipe.expire(key, self.ttl)
             if first is not None:
-                self._append(**self._append_call(job.id, first), client=pipe)
-            pipe.execute()
+                self._append_in(pipe, job.id, first)
+
+        self._pipelined(commands)
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(_job_key(job_id)))
@@ -86,14 +88,34 @@ class JobStore:
 
     def append_many(self, events: list[tuple[str, Event]]) -> None:
         """Append (job id, event) pairs in one round trip, each job's in the given order."""
-        with self.redis.pipeline(transaction=False) as pipe:
+        def commands(pipe: redis.client.Pipeline) -> None:
             for job_id, event in events:
-                self._append(**self._append_call(job_id, event), client=pipe)
-            pipe.execute()
+                self._append_in(pipe, job_id, event)
+
+        self._pipelined(commands)
 
     def _append_call(self, job_id: str, event: Event) -> dict[str, list]:
         return {"keys": [_job_key(job_id), _log_key(job_id)],
                 "args": [json.dumps(event.to_dict()), self.ttl, wake_channel(job_id)]}
+
+    def _append_in(self, pipe: redis.client.Pipeline, job_id: str, event: Event) -> None:
+        call = self._append_call(job_id, event)
+        pipe.evalsha(self._append.sha, len(call["keys"]), *call["keys"], *call["args"])
+
+    def _pipelined(self, commands) -> None:
+        """Run `commands(pipe)` in one round trip. The append script goes by its digest: a
+        Script in a pipeline costs a SCRIPT EXISTS round trip first, on every execution. If
+        Redis lost its scripts (a restart), load it and run the commands again."""
+        for attempt in (1, 2):
+            with self.redis.pipeline(transaction=False) as pipe:
+                commands(pipe)
+                try:
+                    pipe.execute()
+                    return
+                except redis.exceptions.NoScriptError:
+                    if attempt == 2:
+                        raise
+                    self.redis.script_load(_APPEND)
 
     def read(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """Events with seq > after, in order, each with its `seq`."""

@@ -51,6 +51,16 @@ def test_appends_number_events_from_one_and_replay_from_any_point(store, redis_c
     assert store.load(job.id) == job
 
 
+def test_pipelined_appends_survive_redis_losing_its_scripts(store, redis_client):
+    redis_client.script_flush()  # as after a Redis restart
+    job = Job(model="m", prompt_token_ids=[1], params=PARAMS)
+    store.create(job, StatusEvent(JobState.QUEUED))
+    redis_client.script_flush()
+    store.append_many([(job.id, TokenEvent("a")), (job.id, TokenEvent("b"))])
+    assert [(e["seq"], e["type"]) for e in store.read(job.id)] == \
+        [(1, "status"), (2, "token"), (3, "token")]
+
+
 def test_follow_replays_then_follows_live_until_the_end(store, feed):
     job = _new_job(store)
     store.append(job.id, StatusEvent(JobState.QUEUED))
