@@ -13,6 +13,13 @@ from dawet.settings import export_metrics_dir
 
 _metrics_dir: Path | None = None
 
+# Seconds an idle keep-alive connection stays open. A client streams a job over a WebSocket
+# and then POSTs the next one on its pooled connection; with gunicorn's default of 2 s the
+# server had often closed it meanwhile, and a POST racing that close failed with "Server
+# disconnected without sending a response" (seen at 64 clients in make bench). Load
+# balancers keep idle connections about a minute; this outlasts them.
+keepalive = 75
+
 
 def on_starting(server) -> None:
     """Export an empty metrics directory before any worker (or prometheus_client) starts."""

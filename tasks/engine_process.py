@@ -148,7 +148,11 @@ class EngineProcess:
         self._stats = EngineStats(0, 0, 0.0)
         self._stats_lock, self._stats_answered = threading.Lock(), threading.Event()
         self._send((spec, options))
-        self.info = self._await_ready(start_timeout)
+        try:
+            self.info = self._await_ready(start_timeout)
+        except BaseException:
+            self._conn.close()
+            raise
         threading.Thread(target=self._read, name="dawet-engine-reader", daemon=True).start()
         threading.Thread(target=self._watch_cancels, name="dawet-engine-cancels",
                          daemon=True).start()
