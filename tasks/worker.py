@@ -1,9 +1,10 @@
-"""Per-process worker resources: the model, loaded once when the worker starts.
+"""Per-process worker resources: the engine and its model, loaded once when the worker starts.
 
 A Celery bootstep does it, because the threads pool (which we use, so that many jobs share
 one model) sends no worker_process_init. The step starts before the consumer, so no task
-arrives before the model is ready. Use the threads or solo pool: prefork would load the
-model in the parent and fork it (and CUDA must not be initialised before a fork).
+arrives before the model is ready. By default the engine and the model live in a child
+process (tasks/engine_process.py) and this process never imports torch. Use the threads or
+solo pool: prefork would fork one process per job slot, each wanting a model.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ EXIT_ENGINE_LOST = 70  # EX_SOFTWARE: the worker exits with it when its engine p
 @dataclass
 class WorkerRuntime:
     spec: ModelSpec
-    runner: object  # tasks.runner.JobRunner, imported lazily with torch
+    runner: object  # tasks.runner.JobRunner
     engine: object  # tasks.engine.Engine
     started_at: float
     guard: object = None  # tasks.guard.JobGuard: leases and deadlines around the runner
