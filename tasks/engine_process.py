@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 # CPython lets a thread that wants the GIL wait up to this long (5 ms by default) while another
 # runs Python. The scheduler runs Python most of the time, so threads beside it would wait that
-# long at every hand-off; 1 ms measured faster and steadier (make bench).
+# long at every hand-off; 1 ms measured faster and steadier (make bench). The worker's process
+# sets it too: its reader thread hands steps to sinks beside Celery's threads.
 GIL_SWITCH_SECONDS = 0.001
 STATS_TIMEOUT_SECONDS = 1.0  # how long a metrics scrape waits for the engine's numbers
 CANCEL_CHECK_SECONDS = 0.05  # how often the worker's side forwards cancels of waiting requests
@@ -71,9 +72,8 @@ class EngineInfo:
     model_loads: int
 
 
-def configure_engine_thread_use(options: EngineOptions) -> None:
-    """GIL switch interval and torch threads, set before the model loads."""
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+def configure_torch_threads(options: EngineOptions) -> None:
+    """Torch's intra-op threads, set before the model loads."""
     if options.torch_threads:
         import torch
 
@@ -108,7 +108,7 @@ def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = Tr
         return engine, engine.info
     from model_store.loader import load_count, load_model
 
-    configure_engine_thread_use(options)
+    configure_torch_threads(options)
     loaded = load_model(spec)
     info = EngineInfo(loaded.backend.value, str(loaded.device), loaded.load_seconds, load_count())
     return build_engine(loaded, options, after_steps), info
@@ -328,6 +328,7 @@ class _Outbox:
 def serve(conn: Connection) -> None:
     """The engine process: load the model, report ready, then serve requests until closed."""
     _detach_from_signals()
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     spec, options = conn.recv()
     logging.basicConfig(level=options.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
