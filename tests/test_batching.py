@@ -57,9 +57,22 @@ def _alone(loaded: LoadedModel, greedy: bool) -> list[list[int | None]]:
     return [_tokens(iterate(sequential, p, _params(i, greedy))) for i, p in enumerate(_prompts(loaded))]
 
 
+class _Gate:
+    """Holds each request's submission until all of them are ready, then lets them in at once
+    (a thread that starts late on a busy host must not miss the batch)."""
+
+    def __init__(self, engine: BatchingEngine, requests: int):
+        self._engine, self._barrier = engine, threading.Barrier(requests)
+
+    def run(self, *args) -> None:
+        self._barrier.wait()
+        self._engine.run(*args)
+
+
 def _together(engine: BatchingEngine, loaded: LoadedModel, greedy: bool) -> list[list[int | None]]:
-    """Submit every request before reading any, so they decode as one batch."""
-    streams = [iterate(engine, p, _params(i, greedy)) for i, p in enumerate(_prompts(loaded))]
+    """Submit every request at once, before reading any, so they decode as one batch."""
+    gate = _Gate(engine, BATCH)
+    streams = [iterate(gate, p, _params(i, greedy)) for i, p in enumerate(_prompts(loaded))]
     with ThreadPoolExecutor(len(streams)) as pool:
         return list(pool.map(_tokens, streams))
 
