@@ -42,7 +42,7 @@ def _prompts(loaded: LoadedModel) -> list[list[int]]:
 
 def _params(i: int, greedy: bool) -> SamplingParams:
     """Per-request parameters that differ row to row."""
-    return SamplingParams(max_new_tokens=24 + i, min_new_tokens=(i % 3) * 8,
+    return SamplingParams(max_new_tokens=24 + i, min_new_tokens=8 + (i % 3) * 8,
                           temperature=0.0 if greedy else 0.5 + (i % 4) * 0.2,
                           top_p=1.0 if i % 2 else 0.9, top_k=(i % 3) * 10,
                           repetition_penalty=1.0 + (i % 4) * 0.1, seed=1000 + i)
