@@ -207,9 +207,15 @@ class EngineProcess:
                 raise EngineLost("the engine process is gone") from exc
 
     def _stop(self, rid: int, run: _Run) -> None:
+        """Ask the engine to drop the request. If the engine is gone there is nothing to stop:
+        the reader sees the pipe close and fails every run (raising here, on the reader
+        thread, would end it before it could)."""
         if not run.stop_sent:
             run.stop_sent = True
-            self._send(("stop", rid))
+            try:
+                self._send(("stop", rid))
+            except EngineLost:
+                pass
 
     def _watch_cancels(self) -> None:
         """Forward cancels of requests the engine holds. A running request's sink also sees
@@ -218,10 +224,7 @@ class EngineProcess:
             time.sleep(CANCEL_CHECK_SECONDS)
             for rid, run in list(self._runs.items()):
                 if run.cancel.is_set() and not run.finished.is_set():
-                    try:
-                        self._stop(rid, run)
-                    except EngineLost:
-                        return
+                    self._stop(rid, run)
 
     def _await_ready(self, timeout: float) -> EngineInfo:
         """Wait for the child to load the model; raise with its reason if it could not."""
