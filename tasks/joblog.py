@@ -154,9 +154,10 @@ class EventWriteFailed(RuntimeError):
 class EventWriter:
     """Appends the token events of all of a worker's jobs from one thread, many per round trip.
 
-    The jobs' step sinks (on the engine's scheduler thread) queue events without waiting for
-    Redis; the writer sends all that queued up meanwhile as one pipeline, so under load a whole
-    decode step's events cost one round trip instead of one each. A job's events are written in order; `flush` waits for them and
+    The jobs' step sinks (on the engine's reader thread, or its scheduler thread when it runs
+    in this process) queue events without waiting for Redis; the writer sends all that queued
+    up meanwhile as one pipeline, so under load a whole decode step's events cost one round
+    trip instead of one each. A job's events are written in order; `flush` waits for them and
     raises if one could not be written, so a job never ends with a hole in its text.
     """
 
