@@ -1,8 +1,8 @@
 """Continuous batching: every running request shares one batched decode step per iteration.
 
 One scheduler thread owns the model. `run()` queues a request and waits for its end. Each
-iteration the scheduler drops cancelled rows, admits waiting requests (prompts of equal length
-prefill together, never padded; the prefill's logits give the first token at once), copies
+iteration the scheduler drops cancelled rows, admits waiting requests (prompts of similar length
+prefill together, left-padded; the prefill's logits give the first token at once), copies
 their KV caches into the running batch's preallocated cache (tasks/kvcache.py: rows
 left-padded, explicit position ids), runs ONE decode step for all rows, samples each row with
 its request's own Sampler (batched, tasks/sampling.py), hands each row's step to its
@@ -28,6 +28,7 @@ from tasks.sampling import Sampler, sample_batch
 logger = logging.getLogger(__name__)
 
 HISTORY_STEPS = 4096  # how many recent batch sizes the engine remembers
+PREFILL_PADDING = 1.25  # a prefill's padded tokens over its real ones, at most
 
 
 @dataclass(eq=False)
@@ -82,12 +83,36 @@ class _Sequence:
         return step
 
 
-def _same_length(requests: list[_Request]) -> list[list[_Request]]:
-    """Group requests by prompt length, so each group prefills as one batch without padding."""
-    groups: dict[int, list[_Request]] = {}
-    for request in requests:
-        groups.setdefault(len(request.prompt_ids), []).append(request)
-    return list(groups.values())
+def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:
+    """Group requests, longest prompts first, into prefills whose left padding stays within
+    PREFILL_PADDING: each prefill is one forward pass, so on a busy worker the requests that
+    arrived during a step prefill together instead of one group per prompt length."""
+    groups: list[list[_Request]] = []
+    for request in sorted(requests, key=lambda r: len(r.prompt_ids), reverse=True):
+        if groups and _padding_allows(groups[-1] + [request]):
+            groups[-1].append(request)
+        else:
+            groups.append([request])
+    return groups
+
+
+def _padding_allows(group: list[_Request]) -> bool:
+    lengths = [len(request.prompt_ids) for request in group]
+    return len(lengths) * max(lengths) <= PREFILL_PADDING * sum(lengths)
+
+
+def _left_padded(prompts: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """A prefill's model inputs: prompts left-padded to the longest, with the padding masked and
+    position ids that start at each prompt's first token. Prompts of one length need neither."""
+    longest = max(len(prompt) for prompt in prompts)
+    if all(len(prompt) == longest for prompt in prompts):
+        return {"input_ids": torch.tensor(prompts, device=device)}
+    pads = [longest - len(prompt) for prompt in prompts]
+    ids = torch.tensor([[0] * pad + prompt for pad, prompt in zip(pads, prompts)], device=device)
+    mask = torch.tensor([[0] * pad + [1] * len(prompt) for pad, prompt in zip(pads, prompts)],
+                        device=device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
 
 class BatchingEngine:
@@ -155,7 +180,7 @@ class BatchingEngine:
                 try:
                     self._evict([i for i, s in enumerate(self._rows) if s.request.stopped],
                                 CANCELLED_STEP)
-                    for group in _same_length(self._admissions()):
+                    for group in _prefill_groups(self._admissions()):
                         self._prefill(group)
                         self._steps_delivered()  # first tokens go out before the decode step
                     if self._rows:
@@ -193,11 +218,11 @@ class BatchingEngine:
         return len(requests) <= self.max_batch_size and len(requests) * longest <= self.kv_cache_tokens
 
     def _prefill(self, group: list[_Request]) -> None:
-        """Run same-length prompts as one batch, deliver first tokens, join those not ended."""
+        """Run the prompts as one batch, deliver first tokens, join those not ended."""
         sequences = [_Sequence(r, self._eos_ids, self._device) for r in group]
         try:
-            ids = torch.tensor([r.prompt_ids for r in group], device=self._device)
-            out = self._model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            inputs = _left_padded([r.prompt_ids for r in group], self._device)
+            out = self._model(**inputs, use_cache=True, logits_to_keep=1)
             tokens = sample_batch([s.sampler for s in sequences], out.logits[:, -1, :])
         except Exception as exc:  # these requests only: their runners turn it into error events
             logger.exception("prefill failed")
@@ -207,7 +232,7 @@ class BatchingEngine:
         going = [i for i, (sequence, token) in enumerate(zip(sequences, tokens))
                  if not self._accept(sequence, token)]
         if going:
-            self._kv.add(out.past_key_values, going)
+            self._kv.add(out.past_key_values, going, inputs.get("attention_mask"))
             self._rows.extend(sequences[i] for i in going)
 
     def _accept(self, sequence: _Sequence, token: int) -> bool:

@@ -48,8 +48,10 @@ class KVBatch:
         """Columns in the window: the longest row's cached tokens."""
         return self.end - self.start
 
-    def add(self, cache: DynamicCache, rows: list[int]) -> None:
-        """Append these rows of a prefill's cache (same-length prompts, no padding) as last rows."""
+    def add(self, cache: DynamicCache, rows: list[int],
+            attended: torch.Tensor | None = None) -> None:
+        """Append these rows of a prefill's cache as last rows. `attended` is the prefill's
+        attention mask (rows, length) when its prompts were left-padded: padding stays masked."""
         length, count = cache.get_seq_length(), len(rows)
         if self.cache is None:
             self._allocate(cache, max(MIN_ROWS, count), max(MIN_COLUMNS, 2 * (length + 1)))
@@ -63,7 +65,7 @@ class KVBatch:
             keys[new, :, span] = layer.keys[index]
             values[new, :, span] = layer.values[index]
         self._mask[new, self.start:self.end] = False
-        self._mask[new, span] = True
+        self._mask[new, span] = True if attended is None else attended[index].bool()
         self.rows += count
 
     def grow(self) -> torch.Tensor:

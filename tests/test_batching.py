@@ -11,7 +11,7 @@ import pytest
 from conftest import DEMO_MODEL, MODELS_FILE
 from model_store.loader import LoadedModel, load_model
 from model_store.registry import load_registry
-from tasks.batching import BatchingEngine
+from tasks.batching import PREFILL_PADDING, BatchingEngine, _prefill_groups, _Request
 from tasks.contract import FinishReason, Job, SamplingParams
 from tasks.engine import TokenStep, iterate
 from tasks.sequential import SequentialEngine
@@ -80,13 +80,25 @@ def _together(engine: BatchingEngine, loaded: LoadedModel, greedy: bool) -> list
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded-sampling"])
 def test_a_request_yields_the_same_tokens_alone_or_in_a_batch_of_16(engine, loaded, greedy):
     lengths = [len(p) for p in _prompts(loaded)]
-    assert 1 < len(set(lengths)) < len(lengths)  # both padding and same-length prefill groups
+    assert 1 < len(set(lengths)) < len(lengths)  # rows left-padded in prefills and in the batch
     alone = _alone(loaded, greedy)
     first = engine.step_count
     together = _together(engine, loaded, greedy)
     assert together == alone
     assert max(size for step, size in engine.batch_sizes if step > first) == BATCH
     assert len({len(tokens) for tokens in together}) > 1  # rows left the batch at different steps
+
+
+def test_prompts_of_similar_length_prefill_together_within_the_padding_bound(loaded):
+    requests = [_Request(p, _params(i, True), threading.Event(), None)
+                for i, p in enumerate(_prompts(loaded))]
+    groups = _prefill_groups(requests)
+    assert sorted(map(id, sum(groups, []))) == sorted(map(id, requests))
+    for group in groups:
+        lengths = [len(r.prompt_ids) for r in group]
+        assert len(group) * max(lengths) <= PREFILL_PADDING * sum(lengths)
+    assert len(groups) < len({len(r.prompt_ids) for r in requests})
+    assert any(len({len(r.prompt_ids) for r in group}) > 1 for group in groups)  # padded
 
 
 def test_the_batch_never_exceeds_its_size_or_kv_budget(loaded):
