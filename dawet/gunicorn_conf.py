@@ -1,7 +1,8 @@
-"""gunicorn hooks for the API: worker processes share metric files, so /metrics sees them all.
+"""gunicorn hooks for the API. Worker processes share metric files, so /metrics sees them all:
+each start gets a fresh directory (under TMPDIR), so no counts of an earlier run are added in.
+Each worker freezes its startup heap once the app is loaded (dawet/heap.py).
 
 Used as `gunicorn -c python:dawet.gunicorn_conf`; the other options come from the command line.
-Each start gets a fresh directory (under TMPDIR), so no counts of an earlier run are added in.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dawet.heap import freeze_startup_heap
 from dawet.settings import export_metrics_dir
 
 _metrics_dir: Path | None = None
@@ -26,6 +28,11 @@ def on_starting(server) -> None:
     global _metrics_dir
     _metrics_dir = Path(tempfile.mkdtemp(prefix="dawet-api-metrics-"))
     export_metrics_dir(_metrics_dir)
+
+
+def post_worker_init(worker) -> None:
+    """The app is loaded: keep the collector off its objects (dawet/heap.py)."""
+    freeze_startup_heap()
 
 
 def child_exit(server, worker) -> None:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
+from dawet.heap import freeze_startup_heap
 from model_store.registry import ModelSpec
 from tasks.contract import SamplingParams
 from tasks.engine import StepSink, TokenStep
@@ -342,6 +343,7 @@ def serve(conn: Connection) -> None:
         logger.exception("could not start the engine")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    freeze_startup_heap()
     outbox.send(("ready", info))
     _serve_requests(conn, engine, outbox)
 

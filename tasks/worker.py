@@ -18,6 +18,7 @@ import redis
 from celery import bootsteps
 from celery.signals import worker_shutdown
 
+from dawet.heap import freeze_startup_heap
 from dawet.settings import get_settings, pin_gpu
 from model_store.registry import ModelSpec, load_registry
 from model_store.tokenizer import ChatTokenizer
@@ -82,6 +83,7 @@ class ModelStep(bootsteps.StartStopStep):
         self.heartbeat.start()
         start_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port,
                              self.spec.name, worker.hostname, info)
+        freeze_startup_heap()
         logger.info("worker %s serves %s from queue %s", worker.hostname, self.spec.name,
                     self.spec.queue)
 
