@@ -13,11 +13,11 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
-from tasks.contract import Event, Job
+from tasks.contract import TERMINAL_TYPES, Event, Job
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +25,26 @@ CANCEL_PATTERN = "dawet:cancel:*"
 RETRY_SECONDS = 1.0  # between attempts to re-subscribe after losing Redis
 WRITE_BATCH = 256  # the most events EventWriter sends in one round trip
 
-_APPEND = """
+_APPEND_EVENT = """
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], seq .. '-0', 'event', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[3], seq .. ' ' .. ARGV[1])
-return seq
 """
+_APPEND = _APPEND_EVENT + "return seq\n"
+
+# A job's start: -1 if its log already ends (with an event of a type in ARGV[4:]), else
+# append the `started` event and answer whether a cancel was requested (KEYS[3], its flag).
+_START = """
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if last then
+  local kind = cjson.decode(last[2][2])['type']
+  for i = 4, #ARGV do
+    if kind == ARGV[i] then return -1 end
+  end
+end
+""" + _APPEND_EVENT + "return redis.call('EXISTS', KEYS[3])\n"
 
 
 def _job_key(job_id: str) -> str:
@@ -55,6 +67,13 @@ def _cancel_channel(job_id: str) -> str:
     return f"dawet:cancel:{job_id}"
 
 
+class JobStart(NamedTuple):
+    """What a worker learns as it starts a job."""
+
+    ended_before: bool  # the log already ends: nothing was appended, the job must not run
+    cancel_requested: bool
+
+
 class JobStore:
     """Job records, event logs and cancel flags in one Redis."""
 
@@ -62,6 +81,7 @@ class JobStore:
         self.redis = client
         self.ttl = ttl_seconds
         self._append = client.register_script(_APPEND)
+        self._start = client.register_script(_START)
 
     def create(self, job: Job, first: Event | None = None) -> None:
         """Record a new job, its log empty or holding `first`, in one round trip."""
@@ -85,6 +105,14 @@ class JobStore:
     def append(self, job_id: str, event: Event) -> int:
         """Append an event and wake followers; returns its sequence number."""
         return int(self._append(**self._append_call(job_id, event)))
+
+    def start(self, job_id: str, started: Event) -> JobStart:
+        """Append the job's `started` event unless its log already ended (a redelivered task
+        of a finished job), and read its cancel flag: one round trip at every job's start."""
+        call = self._append_call(job_id, started)
+        answer = int(self._start(keys=[*call["keys"], _cancel_key(job_id)],
+                                 args=[*call["args"], *sorted(TERMINAL_TYPES)]))
+        return JobStart(ended_before=answer < 0, cancel_requested=answer > 0)
 
     def append_many(self, events: list[tuple[str, Event]]) -> None:
         """Append (job id, event) pairs in one round trip, each job's in the given order."""
@@ -239,13 +267,14 @@ class CancelListener:
                 self._started = True
                 threading.Thread(target=self._run, name="dawet-cancels", daemon=True).start()
 
-    def watch(self, job_id: str) -> threading.Event:
-        """An event set once a cancel for the job is requested (already, or from now on)."""
+    def watch(self, job_id: str, check_flag: bool = True) -> threading.Event:
+        """An event set once a cancel for the job is requested from now on, or already (unless
+        `check_flag` is False: then the caller reads the flag itself, after this call)."""
         self.start()
         event = threading.Event()
         with self._lock:
             self._events[job_id].add(event)
-        if self._store.is_cancelled(job_id):  # requested before we watched
+        if check_flag and self._store.is_cancelled(job_id):  # requested before we watched
             event.set()
         return event
 

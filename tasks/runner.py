@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from model_store.tokenizer import ChatTokenizer
 from tasks.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
-                            StatusEvent, TokenEvent, Usage, is_terminal)
+                            StatusEvent, TokenEvent, Usage)
 from tasks.engine import Engine, TokenStep
 from tasks.joblog import CancelListener, EventWriter, JobStore
 from tasks.metrics import in_flight, observe_job
@@ -98,42 +98,41 @@ class JobRunner:
 
     def run(self, job: Job) -> None:
         """Run a job to its end; every failure becomes an error event, never an exception."""
-        if self._finished_before(job.id):
-            logger.info("job %s already finished; skipping the redelivered task", job.id)
-            return
-        clock = Clock(created=job.created_at)
-        self._store.append(job.id, StatusEvent(JobState.STARTED, self._worker_name))
-        with in_flight(job.model, clock):
-            outcome = self._outcome(job, clock)
+        with self._cancel_event(job.id) as cancel:  # watched first: no cancel slips past
+            start = self._store.start(job.id, StatusEvent(JobState.STARTED, self._worker_name))
+            if start.ended_before:
+                logger.info("job %s already finished; skipping the redelivered task", job.id)
+                return
+            if start.cancel_requested:
+                cancel.set()
+            clock = Clock(created=job.created_at)
+            with in_flight(job.model, clock):
+                outcome = self._outcome(job, clock, cancel)
         observe_job(job, outcome)  # before the terminal event, so a reader sees it counted
         self._store.append(job.id, outcome)
 
-    def _outcome(self, job: Job, clock: Clock) -> DoneEvent | ErrorEvent:
+    def _outcome(self, job: Job, clock: Clock, cancel: threading.Event) -> DoneEvent | ErrorEvent:
         """Generate, and describe how it ended as the job's terminal event."""
         vocab_size = self._tokenizer.vocab_size
         if not all(0 <= token < vocab_size for token in job.prompt_token_ids):
             return ErrorEvent(ErrorBody("the prompt holds token ids outside the model's vocabulary",
                                         "invalid_request_error", "invalid_prompt_tokens"))
         try:
-            finish, usage = self._generate(job, clock)
+            finish, usage = self._generate(job, clock, cancel)
         except Exception as exc:  # the boundary: the worker must go on serving
             logger.exception("job %s failed", job.id)
             return ErrorEvent(ErrorBody(f"generation failed: {type(exc).__name__}",
                                         "server_error", "generation_failed"))
         return DoneEvent(finish, usage, clock.timings(usage.completion_tokens))
 
-    def _finished_before(self, job_id: str) -> bool:
-        last = self._store.last_event(job_id)
-        return last is not None and is_terminal(last)
-
-    def _generate(self, job: Job, clock: Clock) -> tuple[FinishReason, Usage]:
+    def _generate(self, job: Job, clock: Clock,
+                  cancel: threading.Event) -> tuple[FinishReason, Usage]:
         """Stream tokens as events until the engine, a stop sequence or a cancel ends the job."""
         chunks = ChunkBuffer(lambda text: self._emit(job.id, text, clock), self._chunk_seconds)
         try:
-            with self._cancel_event(job.id) as cancel:
-                finish, completion = FinishReason.CANCELLED, 0
-                if not cancel.is_set():
-                    finish, completion = self._decode(job, chunks, cancel)
+            finish, completion = FinishReason.CANCELLED, 0
+            if not cancel.is_set():
+                finish, completion = self._decode(job, chunks, cancel)
             chunks.flush()
         finally:
             self._events.flush(job.id)  # every token is in the log before the terminal event
@@ -149,14 +148,12 @@ class JobRunner:
 
     @contextmanager
     def _cancel_event(self, job_id: str) -> Iterator[threading.Event]:
-        """An event set once a cancel for the job is requested (while the job runs)."""
+        """An event set once a cancel for the job is requested while it runs (one requested
+        before is read with the job's start)."""
         if self._cancels is None:
-            event = threading.Event()
-            if self._store.is_cancelled(job_id):
-                event.set()
-            yield event
+            yield threading.Event()
             return
-        event = self._cancels.watch(job_id)
+        event = self._cancels.watch(job_id, check_flag=False)
         try:
             yield event
         finally:

@@ -93,6 +93,20 @@ def test_cancel_sets_a_flag_the_worker_reads(store):
     assert store.is_cancelled(job.id)
 
 
+def test_a_start_appends_started_reads_the_cancel_flag_and_refuses_an_ended_job(store):
+    started = StatusEvent(JobState.STARTED, "w1")
+    fresh, cancelled, ended = (_new_job(store) for _ in range(3))
+    store.append(fresh.id, StatusEvent(JobState.QUEUED))
+    assert store.start(fresh.id, started) == (False, False)
+    assert [(e["seq"], e.get("state")) for e in store.read(fresh.id)] == \
+        [(1, "queued"), (2, "started")]
+    store.cancel(cancelled.id)
+    assert store.start(cancelled.id, started) == (False, True)
+    store.append(ended.id, _done())
+    assert store.start(ended.id, started) == (True, False)  # a redelivery of a finished job
+    assert [e["type"] for e in store.read(ended.id)] == ["done"]
+
+
 
 def _follow_in_thread(store: JobStore, feed: JobFeed, job_id: str) -> tuple[threading.Thread, list]:
     seen: list[dict] = []
