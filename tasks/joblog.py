@@ -162,9 +162,6 @@ class JobStore:
             pipe.publish(_cancel_channel(job_id), 1)
             pipe.execute()
 
-    def is_cancelled(self, job_id: str) -> bool:
-        return bool(self.redis.exists(_cancel_key(job_id)))
-
     def cancelled(self, job_ids: list[str]) -> list[bool]:
         """Whether each job's cancel was requested, in one round trip."""
         if not job_ids:
@@ -267,15 +264,13 @@ class CancelListener:
                 self._started = True
                 threading.Thread(target=self._run, name="dawet-cancels", daemon=True).start()
 
-    def watch(self, job_id: str, check_flag: bool = True) -> threading.Event:
-        """An event set once a cancel for the job is requested from now on, or already (unless
-        `check_flag` is False: then the caller reads the flag itself, after this call)."""
+    def watch(self, job_id: str) -> threading.Event:
+        """An event set once a cancel for the job is requested from now on. One requested
+        before is read by the caller after this call (JobStore.start reads the flag)."""
         self.start()
         event = threading.Event()
         with self._lock:
             self._events[job_id].add(event)
-        if check_flag and self._store.is_cancelled(job_id):  # requested before we watched
-            event.set()
         return event
 
     def unwatch(self, job_id: str, event: threading.Event) -> None:

@@ -153,7 +153,7 @@ class JobRunner:
         if self._cancels is None:
             yield threading.Event()
             return
-        event = self._cancels.watch(job_id, check_flag=False)
+        event = self._cancels.watch(job_id)
         try:
             yield event
         finally:
