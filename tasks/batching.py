@@ -6,7 +6,8 @@ prefill together, left-padded; the prefill's logits give the first token at once
 their KV caches into the running batch's preallocated cache (tasks/kvcache.py: rows
 left-padded, explicit position ids), runs ONE decode step for all rows, samples each row with
 its request's own Sampler (batched, tasks/sampling.py), hands each row's step to its
-request's sink, and evicts the rows that ended. Admission is bounded by a batch size and a KV-cache budget; the thread blocks when idle.
+request's sink, and evicts the rows that ended. Admission is bounded by a batch size and a
+KV-cache budget; the thread blocks when idle.
 """
 from __future__ import annotations
 
