@@ -7,7 +7,9 @@ their KV caches into the running batch's preallocated cache (tasks/kvcache.py: r
 left-padded, explicit position ids), runs ONE decode step for all rows, samples each row with
 its request's own Sampler (batched, tasks/sampling.py), hands each row's step to its
 request's sink, and evicts the rows that ended. Admission is bounded by a batch size and a
-KV-cache budget; the thread blocks when idle.
+KV-cache budget; the thread blocks when idle. Requests come from `run()` or `submit()` on any
+thread, or from an inbox that the scheduler reads itself between iterations (the engine
+process's pipe: tasks/engine_process.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,15 +34,20 @@ HISTORY_STEPS = 4096  # how many recent batch sizes the engine remembers
 PREFILL_PADDING = 1.25  # a prefill's padded tokens over its real ones, at most
 
 
+EndCallback = Callable[[BaseException | None], None]  # a request's end: its error, or None
+Inbox = Callable[["BatchingEngine", bool], None]  # (engine, idle): submit what arrived
+
+
 @dataclass(eq=False)
 class _Request:
-    """A submitted request, the sink its steps go to, and how it ended."""
+    """A submitted request, the sink its steps go to, and what to call when it ends."""
 
     prompt_ids: list[int]
     params: SamplingParams
     cancel: threading.Event
     sink: StepSink
-    finished: threading.Event = field(default_factory=threading.Event)
+    on_end: EndCallback
+    ended: bool = False
     error: BaseException | None = None
     abandoned: bool = False  # the sink asked to stop, or failed
 
@@ -54,7 +61,7 @@ class _Request:
 
     def deliver(self, item: TokenStep | BaseException) -> None:
         """Hand a step to the sink, or end the request with an error."""
-        if self.finished.is_set():
+        if self.ended:
             return  # the sink already stopped it: nothing reaches it any more
         try:
             if isinstance(item, BaseException):
@@ -63,8 +70,8 @@ class _Request:
         except Exception as exc:  # a failing sink ends its own request only
             self.error, ended = exc, True
         if ended:
-            self.abandoned = True
-            self.finished.set()
+            self.abandoned, self.ended = True, True
+            self.on_end(self.error)
 
 
 class _Sequence:
@@ -126,11 +133,12 @@ class BatchingEngine:
     """
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int,
-                 after_steps: Callable[[], None] | None = None):
+                 after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None):
         self._model, self._device = loaded.model, loaded.device
         self._eos_ids = loaded.tokenizer.eos_token_ids
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
         self._after_steps = after_steps  # called after a forward pass's steps reached sinks
+        self._inbox = inbox  # read by the scheduler at each iteration; it blocks there when idle
         self._waiting: deque[_Request] = deque()
         self._wakeup = threading.Condition()
         self._rows: list[_Sequence] = []
@@ -142,11 +150,17 @@ class BatchingEngine:
         self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the scheduler after its current iteration; requests still running are failed."""
+        """Stop the scheduler after its current iteration; requests still running are failed.
+        Its inbox may call this too (the scheduler's own thread then does not wait for itself)."""
         with self._wakeup:
             self._closed = True
             self._wakeup.notify()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def join(self) -> None:
+        """Wait until the engine is closed and its scheduler has failed what was left."""
+        self._thread.join()
 
     @property
     def running(self) -> int:
@@ -161,7 +175,22 @@ class BatchingEngine:
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:
         """Queue the request and wait until it ends; its steps go to `sink` meanwhile."""
-        request = _Request(list(prompt_ids), params, cancel, sink)
+        ended, errors = threading.Event(), []
+
+        def on_end(error: BaseException | None) -> None:
+            errors.append(error)
+            ended.set()
+
+        self.submit(prompt_ids, params, cancel, sink, on_end)
+        ended.wait()
+        if errors[0] is not None:
+            raise errors[0]
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+               sink: StepSink, on_end: EndCallback) -> None:
+        """Queue the request without waiting: its steps go to `sink`, then `on_end(error or
+        None)` runs once, both on the scheduler thread. Raises if it can never fit."""
+        request = _Request(list(prompt_ids), params, cancel, sink, on_end)
         if request.reserved_tokens > self.kv_cache_tokens:
             raise ValueError(f"prompt plus max_new_tokens ({request.reserved_tokens}) exceeds the "
                              f"KV-cache budget of {self.kv_cache_tokens} tokens")
@@ -170,15 +199,14 @@ class BatchingEngine:
                 raise RuntimeError("the engine was closed")
             self._waiting.append(request)
             self._wakeup.notify()
-        request.finished.wait()
-        if request.error is not None:
-            raise request.error
 
     def _run(self) -> None:
-        """The scheduler loop: drop stopped rows, admit, decode; block while idle."""
+        """The scheduler loop: take requests, drop stopped rows, admit, decode; block while
+        idle."""
         with torch.inference_mode():
             while not self._closed:
                 try:
+                    self._take_requests()
                     self._evict([i for i, s in enumerate(self._rows) if s.request.stopped],
                                 CANCELLED_STEP)
                     for group in _prefill_groups(self._admissions()):
@@ -199,11 +227,19 @@ class BatchingEngine:
         if self._after_steps is not None:
             self._after_steps()
 
-    def _admissions(self) -> list[_Request]:
-        """Take the waiting requests that fit the batch and the KV budget; wait while idle."""
+    def _take_requests(self) -> None:
+        """Read the inbox, or wait on the other threads' submissions, blocking while idle."""
+        idle = not self._rows and not self._waiting
+        if self._inbox is not None:
+            self._inbox(self, idle)
+            return
         with self._wakeup:
             while not self._rows and not self._waiting and not self._closed:
                 self._wakeup.wait()
+
+    def _admissions(self) -> list[_Request]:
+        """Take the waiting requests that fit the batch and the KV budget."""
+        with self._wakeup:
             for request in [r for r in self._waiting if r.stopped]:  # cancelled while waiting
                 self._waiting.remove(request)
                 request.deliver(CANCELLED_STEP)

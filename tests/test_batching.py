@@ -90,7 +90,7 @@ def test_a_request_yields_the_same_tokens_alone_or_in_a_batch_of_16(engine, load
 
 
 def test_prompts_of_similar_length_prefill_together_within_the_padding_bound(loaded):
-    requests = [_Request(p, _params(i, True), threading.Event(), None)
+    requests = [_Request(p, _params(i, True), threading.Event(), None, None)
                 for i, p in enumerate(_prompts(loaded))]
     groups = _prefill_groups(requests)
     assert sorted(map(id, sum(groups, []))) == sorted(map(id, requests))

@@ -79,6 +79,22 @@ def test_a_cancel_reaches_a_request_still_waiting_for_a_slot(engine):
     running.close()
 
 
+def test_requests_in_flight_add_no_thread_to_the_engine_process(engine):
+    """The scheduler reads the pipe itself: no thread per request to take its GIL."""
+    idle_threads = _threads(engine.pid)
+    first = iterate(engine, PROMPTS[0], LONG)
+    next(first)  # the only slot is taken; the next two wait in the engine
+    waiting = [iterate(engine, prompt, GREEDY) for prompt in PROMPTS[1:]]
+    wait_until(lambda: engine.stats().waiting == 2, 5, "two requests to wait for the slot")
+    assert _threads(engine.pid) == idle_threads
+    first.close()
+    assert all(list(steps)[-1].finish is not None for steps in waiting)  # both ran
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
 def test_an_engine_error_is_raised_by_run(engine):
     too_long = SamplingParams(max_new_tokens=100_000, temperature=0.0, top_p=1.0)
     with pytest.raises(ValueError, match="KV-cache budget"):
