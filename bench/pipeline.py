@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import websocket
 
+from dawet.cpus import pin_process
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 
@@ -126,7 +127,8 @@ def start_stack(args: argparse.Namespace, log_dir: Path) -> Stack:
                         api_port=free_port(), api_workers=args.api_workers,
                         max_batch_size=args.max_batch, worker_concurrency=args.max_batch,
                         engine="batching", stream_chunk_seconds=args.chunk_seconds,
-                        torch_threads=args.torch_threads, log_level="WARNING")
+                        torch_threads=args.torch_threads, engine_cpus=args.engine_cpus,
+                        log_level="WARNING")
     return Stack(settings, models=list(args.models), log_dir=log_dir).start()
 
 
@@ -138,7 +140,12 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace) -> list[dict
     from tasks.sequential import SequentialEngine
 
     loaded = load_model(load_registry(ROOT / "models.toml").get(model))
+    split = stack.settings.engine_cpu_split()
+    if split:  # the in-process scheduler gets the engine's CPUs too; the clients keep off them
+        os.sched_setaffinity(0, split[0])  # this thread only: the scheduler inherits it
     batching = BatchingEngine(loaded, args.max_batch, stack.settings.kv_cache_tokens)
+    if split:
+        os.sched_setaffinity(0, split[1])
     sequential = SequentialEngine(loaded)
     rows = []
     for clients in args.concurrency:
@@ -193,9 +200,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="DAWET_TORCH_THREADS for the worker and the in-process runs (0: default)")
     parser.add_argument("--api-workers", type=int, default=2)
+    parser.add_argument("--engine-cpus", default="auto",
+                        help="DAWET_ENGINE_CPUS for the worker, and the CPUs of the in-process "
+                             "scheduler; the clients keep to the others (auto: the last CPU on "
+                             "a host with two or more; '' pins nothing)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: dawet-bench-4m, C = 1 and 16, 16 tokens, one round")
     args = parser.parse_args(argv)
+    if args.engine_cpus == "auto":
+        usable = sorted(os.sched_getaffinity(0))
+        args.engine_cpus = str(usable[-1]) if len(usable) > 1 else ""
     if args.quick:
         args.models, args.concurrency, args.tokens, args.rounds = ["dawet-bench-4m"], [1, 16], 16, 1
         args.repeats = 1
@@ -214,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.torch_threads)  # the in-process runs match the worker
     stack = start_stack(args, log_dir)
+    split = stack.settings.engine_cpu_split()
+    if split:
+        pin_process(split[1])  # the clients, like the stack's other processes
     try:
         rows = [row for model in args.models for row in bench_model(stack, model, args)]
     finally:
@@ -221,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(f"\n{args.tokens} new tokens per job, {args.rounds} jobs per client, "
                      f"median of {args.repeats} runs, "
                      f"{os.cpu_count()} CPUs, torch threads {args.torch_threads or 'default'}, "
+                     f"engine CPUs {args.engine_cpus or 'any'}, "
                      f"chunk {args.chunk_seconds}s (logs: {log_dir})\n\n"
                      f"{format_table(rows)}\n")
     return 0

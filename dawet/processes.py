@@ -68,14 +68,20 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     log_path: Path | None = None
+    cpus: frozenset[int] | None = None  # the CPUs it keeps to; None: any
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> None:
         out = self.log_path.open("ab") if self.log_path else None
         self.process = subprocess.Popen(
             self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=self._in_child)
         logger.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def _in_child(self) -> None:
+        _die_with_parent()
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -174,7 +180,7 @@ class Stack:
             self._start_redis()
             for index, model in enumerate(self.models):
                 self._start_worker(model, index)
-            self._spawn("api", api_argv(self.settings))
+            self._spawn("api", api_argv(self.settings), cpus=self._other_cpus())
             wait_until(lambda: http_ok(self.api_url + "/readyz"), self.ready_timeout,
                        "the API to report ready", self.children)
         except BaseException:
@@ -205,7 +211,8 @@ class Stack:
             return
         port = free_port()
         self._data_dir = tempfile.TemporaryDirectory(prefix="dawet-redis-")
-        self._spawn("redis", redis_argv(find_redis_server(), port, self._data_dir.name))
+        self._spawn("redis", redis_argv(find_redis_server(), port, self._data_dir.name),
+                    cpus=self._other_cpus())
         self.settings = self.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
         wait_until(lambda: _port_open(port), 10, "redis-server", self.children)
 
@@ -223,9 +230,17 @@ class Stack:
         self.worker_metrics_ports.append(port)
         return self.settings.model_copy(update={"worker_metrics_port": port})
 
-    def _spawn(self, name: str, argv: list[str], settings: Settings | None = None) -> Child:
+    def _other_cpus(self) -> frozenset[int] | None:
+        """The CPUs left to Redis and the API when workers' engines have their own (a worker
+        keeps off its engine's CPUs itself, once its engine has started)."""
+        split = self.settings.engine_cpu_split()
+        return split[1] if split else None
+
+    def _spawn(self, name: str, argv: list[str], settings: Settings | None = None,
+               cpus: frozenset[int] | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log" if self.log_dir else None
-        child = Child(name, argv, child_env(settings_env(settings or self.settings)), log_path)
+        child = Child(name, argv, child_env(settings_env(settings or self.settings)), log_path,
+                      cpus)
         child.start()
         self.children.append(child)
         return child

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dawet.cpus import parse_cpu_list, split_cpus
+
 FALLBACK_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -57,6 +59,9 @@ class Settings(BaseSettings):
     # KV-cache budget in tokens per worker: rows x the longest (prompt + max_new_tokens) in the
     # batch stays under it; more jobs wait, and a job that alone exceeds it fails.
     kv_cache_tokens: int = Field(65_536, ge=16)
+    # CPUs the engine process runs on alone (Linux's list syntax: "3", "2-3"); the worker, and
+    # the Redis and API that `dawet run` starts, keep to the other CPUs. Empty: no pinning.
+    engine_cpus: str = ""
     # Intra-op threads torch uses in a worker; 0 keeps torch's default (one per core). On a
     # small CPU host shared with the API and Redis, 1 avoids threads spinning against each other.
     torch_threads: int = Field(0, ge=0)
@@ -109,6 +114,16 @@ class Settings(BaseSettings):
                              "comma-separated, each optionally followed by :model1|model2; "
                              "hash each key, e.g. `printf %s KEY | sha256sum`")
         return ",".join(entries)
+
+    @field_validator("engine_cpus")
+    @classmethod
+    def _cpu_list(cls, value: str) -> str:
+        parse_cpu_list(value)  # raises with the part it cannot read
+        return value
+
+    def engine_cpu_split(self) -> tuple[frozenset[int], frozenset[int]] | None:
+        """(the engine's CPUs, the other processes'), or None when nothing is pinned."""
+        return split_cpus(parse_cpu_list(self.engine_cpus)) if self.engine_cpus else None
 
     def api_key_digests(self) -> frozenset[str]:
         """The accepted keys' SHA-256 hex digests; empty when authentication is off."""

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
+from dawet.cpus import pin_process
 from dawet.heap import freeze_startup_heap
 from model_store.registry import ModelSpec
 from tasks.contract import SamplingParams
@@ -63,6 +64,7 @@ class EngineOptions:
     kv_cache_tokens: int = 65_536
     torch_threads: int = 0  # 0 keeps torch's default
     log_level: str = "INFO"
+    cpus: frozenset[int] = frozenset()  # the CPUs the engine process keeps to; empty: any
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,10 @@ def build_engine(loaded, options: EngineOptions, after_steps=None, inbox=None):
 
 def engine_options(settings) -> EngineOptions:
     """The engine options a worker's settings (dawet.settings.Settings) choose."""
+    split = settings.engine_cpu_split()
     return EngineOptions(settings.engine, settings.max_batch_size, settings.kv_cache_tokens,
-                         settings.torch_threads, settings.log_level)
+                         settings.torch_threads, settings.log_level,
+                         split[0] if split else frozenset())
 
 
 def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = True,
@@ -340,6 +344,8 @@ def serve(conn: Connection) -> None:
     spec, options = conn.recv()
     logging.basicConfig(level=options.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if options.cpus:
+        pin_process(options.cpus)  # before torch starts threads: they inherit it
     batching = options.kind == "batching"
     outbox = _Outbox(conn, batched=batching)
     inbox = _Inbox(conn, outbox) if batching else None

@@ -18,6 +18,7 @@ import redis
 from celery import bootsteps
 from celery.signals import worker_shutdown
 
+from dawet.cpus import pin_process
 from dawet.heap import freeze_startup_heap
 from dawet.settings import get_settings, pin_gpu
 from model_store.registry import ModelSpec, load_registry
@@ -110,6 +111,9 @@ def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     engine, info = start_engine(spec, engine_options(settings), settings.engine_process,
                                 on_lost=_exit_with_engine)
+    split = settings.engine_cpu_split()
+    if split and settings.engine_process:
+        pin_process(split[1])  # the engine process has its CPUs; this one keeps off them
     report_engine_stats(engine.stats)
     store = JobStore(client, settings.job_ttl_seconds)
     cancels = CancelListener(redis.Redis.from_url(settings.redis_url_or_fallback()), store,
