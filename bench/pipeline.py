@@ -12,6 +12,7 @@ Reported: output tokens/s, time to first token p50/p99, and the pipeline's ratio
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
@@ -19,12 +20,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import websocket
 
 from dawet.cpus import pin_process
@@ -79,12 +80,27 @@ def closed_loop(clients: int, rounds: int, one_job: Callable[[int], tuple[int, f
 
 
 def pipeline_job(api_url: str, model: str, tokens: int) -> Callable[[int], tuple[int, float]]:
-    """One job through the API: POST, then read its WebSocket stream to the end."""
-    http = httpx.Client(base_url=api_url, timeout=120, limits=httpx.Limits(max_connections=128))
+    """One job through the API: POST, then read its WebSocket stream to the end.
+
+    Each client thread keeps its own keep-alive connection, as separate users would, and
+    POSTs with http.client: the clients share the server's CPUs here, and httpx cost them
+    about 0.7 ms more per request (2.9 against 2.1 ms per sequential POST)."""
+    local = threading.local()
+    address = urllib.parse.urlsplit(api_url)
+
+    def post(body: dict) -> dict:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+        local.conn.request("POST", "/v1/generate", json.dumps(body),
+                           {"Content-Type": "application/json"})
+        response = local.conn.getresponse()
+        if response.status != 202:
+            raise RuntimeError(f"POST /v1/generate: {response.status} {response.read()!r}")
+        return json.loads(response.read())
 
     def run(index: int) -> tuple[int, float]:
         started = time.perf_counter()
-        job = http.post("/v1/generate", json=request_body(model, index, tokens)).json()
+        job = post(request_body(model, index, tokens))
         ws = websocket.create_connection(job["stream_url"], timeout=120)
         first = None
         try:
@@ -220,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     """Start the stack, run every model and client count, print the table."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log_dir = Path(tempfile.mkdtemp(prefix="dawet-bench-"))
     if args.torch_threads:
