@@ -47,9 +47,8 @@ class _Request:
     cancel: threading.Event
     sink: StepSink
     on_end: EndCallback
-    ended: bool = False
+    ended: bool = False  # it finished, its sink asked to stop or failed: nothing more reaches it
     error: BaseException | None = None
-    abandoned: bool = False  # the sink asked to stop, or failed
 
     @property
     def reserved_tokens(self) -> int:
@@ -57,7 +56,7 @@ class _Request:
 
     @property
     def stopped(self) -> bool:
-        return self.abandoned or self.cancel.is_set()
+        return self.ended or self.cancel.is_set()
 
     def deliver(self, item: TokenStep | BaseException) -> None:
         """Hand a step to the sink, or end the request with an error."""
@@ -70,7 +69,7 @@ class _Request:
         except Exception as exc:  # a failing sink ends its own request only
             self.error, ended = exc, True
         if ended:
-            self.abandoned, self.ended = True, True
+            self.ended = True
             self.on_end(self.error)
 
 

@@ -348,20 +348,21 @@ def serve(conn: Connection) -> None:
         pin_process(options.cpus)  # before torch starts threads: they inherit it
     batching = options.kind == "batching"
     outbox = _Outbox(conn, batched=batching)
-    inbox = _Inbox(conn, outbox) if batching else None
+    inbox = _Inbox(conn, outbox, _submit_to_batch if batching else _run_on_a_thread)
     try:
         engine, info = start_engine(spec, options, own_process=False, after_steps=outbox.flush,
-                                    inbox=inbox)
+                                    inbox=inbox if batching else None)
     except Exception as exc:  # reported to the worker, which fails its start with it
         logger.exception("could not start the engine")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     freeze_startup_heap()
     outbox.send(("ready", info))
-    if inbox is not None:
-        engine.join()  # its scheduler serves the pipe until the worker closes it
-    else:
-        _serve_requests(conn, engine, outbox)
+    if batching:
+        engine.join()  # its scheduler reads the inbox until the worker closes it
+        return
+    while not inbox.closed:
+        inbox(engine, idle=True)
 
 
 def _detach_from_signals() -> None:
@@ -376,14 +377,19 @@ def _detach_from_signals() -> None:
 
 
 class _Inbox:
-    """The batching engine's end of the pipe, read by its scheduler thread between forward
-    passes. A reader thread and a thread per request (as `_serve_requests` runs the one-at-a-
-    time engine) took the GIL from the scheduler mid-step: under the bench's C = 16 load its
-    prefills spent 35 % of their wall time off the CPU with them, 16 % without."""
+    """The engine's end of the pipe: submissions, stops, stats requests and close.
 
-    def __init__(self, conn, outbox: _Outbox):
-        self._conn, self._outbox = conn, outbox
+    A batching engine's scheduler reads it itself between forward passes. A reader thread and
+    a thread per request (which the one-at-a-time engine still needs) took the GIL from the
+    scheduler mid-step: under the bench's C = 16 load its prefills spent 35 % of their wall
+    time off the CPU with them, 16 % without. `start` hands a request to the engine:
+    _submit_to_batch or _run_on_a_thread.
+    """
+
+    def __init__(self, conn, outbox: _Outbox, start):
+        self._conn, self._outbox, self._start = conn, outbox, start
         self._cancels: dict[int, threading.Event] = {}
+        self.closed = False
 
     def __call__(self, engine, idle: bool) -> None:
         """Handle every message that has arrived; while idle, wait for the first."""
@@ -403,6 +409,7 @@ class _Inbox:
         elif kind == "stats":
             self._outbox.send(("stats", _stats_of(engine)))
         elif kind == "close":
+            self.closed = True
             engine.close()
 
     def _submit(self, engine, rid: int, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -416,49 +423,27 @@ class _Inbox:
             self._outbox.end(rid, None if error is None else _picklable(error))
 
         try:
-            engine.submit(prompt_ids, params, self._cancels[rid], sink, on_end)
+            self._start(engine, prompt_ids, params, self._cancels[rid], sink, on_end)
         except Exception as exc:  # it can never run: handed to the worker's run(), which raises
             on_end(exc)
 
 
-def _serve_requests(conn, engine, outbox: _Outbox) -> None:
-    """Read requests for an engine that runs each on its caller's thread (the one-at-a-time
-    engine), until the worker closes it or goes away."""
-    cancels: dict[int, threading.Event] = {}
-    while True:
+def _submit_to_batch(engine, prompt_ids, params, cancel, sink, on_end) -> None:
+    engine.submit(prompt_ids, params, cancel, sink, on_end)
+
+
+def _run_on_a_thread(engine, prompt_ids, params, cancel, sink, on_end) -> None:
+    """The one-at-a-time engine runs each request on its caller's thread: give it one."""
+
+    def run() -> None:
+        error = None
         try:
-            kind, *body = conn.recv()
-        except (EOFError, OSError):
-            os._exit(0)  # the worker is gone: nobody is left to read steps
-        if kind == "submit":
-            rid, prompt_ids, params = body
-            cancels[rid] = threading.Event()
-            threading.Thread(target=_run_request, name=f"dawet-request-{rid}", daemon=True,
-                             args=(engine, outbox, cancels, rid, prompt_ids, params)).start()
-        elif kind == "stop" and body[0] in cancels:
-            cancels[body[0]].set()
-        elif kind == "stats":
-            outbox.send(("stats", _stats_of(engine)))
-        elif kind == "close":
-            engine.close()
-            return
+            engine.run(prompt_ids, params, cancel, sink)
+        except Exception as exc:  # handed to the worker's run(), which raises it
+            error = exc
+        on_end(error)
 
-
-def _run_request(engine, outbox: _Outbox, cancels: dict[int, threading.Event], rid: int,
-                 prompt_ids: list[int], params: SamplingParams) -> None:
-    """Run one request on the engine, sending each step, then its end, to the worker."""
-
-    def sink(step: TokenStep) -> None:
-        outbox.step(rid, step)
-
-    error = None
-    try:
-        engine.run(prompt_ids, params, cancels[rid], sink)
-    except Exception as exc:  # handed to the worker's run(), which raises it
-        error = _picklable(exc)
-    finally:
-        cancels.pop(rid, None)
-    outbox.end(rid, error)
+    threading.Thread(target=run, name="dawet-request", daemon=True).start()
 
 
 def _picklable(exc: Exception) -> Exception:

@@ -51,6 +51,24 @@ def test_the_engine_process_yields_what_the_engine_yields_in_this_process(engine
     assert engine.info.backend == "transformers" and engine.info.load_seconds > 0
 
 
+def test_the_one_at_a_time_engine_serves_from_its_own_process_too(spec):
+    from model_store.loader import load_model
+    from tasks.sequential import SequentialEngine
+
+    process = EngineProcess(spec, EngineOptions(kind="sequential", torch_threads=1))
+    here = SequentialEngine(load_model(spec))
+    assert [_tokens(iterate(process, p, GREEDY)) for p in PROMPTS] == \
+        [_tokens(iterate(here, p, GREEDY)) for p in PROMPTS]
+    running = iterate(process, PROMPTS[0], LONG)
+    next(running)
+    waiting = iterate(process, PROMPTS[1], GREEDY)
+    wait_until(lambda: process.stats().waiting == 1, 5, "the request to wait its turn")
+    running.close()
+    assert list(waiting)[-1].finish is not None  # its turn came
+    process.close()
+    assert not _alive(process.pid)
+
+
 def test_a_sink_that_stops_frees_the_slot_for_the_next_request(engine):
     seen: list[TokenStep] = []
 
