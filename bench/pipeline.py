@@ -148,15 +148,16 @@ def start_stack(args: argparse.Namespace, log_dir: Path) -> Stack:
     return Stack(settings, models=list(args.models), log_dir=log_dir).start()
 
 
-def bench_model(stack: Stack, model: str, args: argparse.Namespace) -> list[dict]:
-    """All runs for one model; the engines load here, in the bench process."""
+def bench_model(stack: Stack, model: str, args: argparse.Namespace,
+                split: tuple[frozenset[int], frozenset[int]] | None) -> list[dict]:
+    """All runs for one model; the engines load here, in the bench process. `split` is the
+    engine's CPUs and the others', read before this process kept to the others."""
     from model_store.loader import load_model
     from model_store.registry import load_registry
     from tasks.batching import BatchingEngine
     from tasks.sequential import SequentialEngine
 
     loaded = load_model(load_registry(ROOT / "models.toml").get(model))
-    split = stack.settings.engine_cpu_split()
     if split:  # the in-process scheduler gets the engine's CPUs too; the clients keep off them
         os.sched_setaffinity(0, split[0])  # this thread only: the scheduler inherits it
     batching = BatchingEngine(loaded, args.max_batch, stack.settings.kv_cache_tokens)
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if split:
         pin_process(split[1])  # the clients, like the stack's other processes
     try:
-        rows = [row for model in args.models for row in bench_model(stack, model, args)]
+        rows = [row for model in args.models for row in bench_model(stack, model, args, split)]
     finally:
         stack.stop()
     sys.stdout.write(f"\n{args.tokens} new tokens per job, {args.rounds} jobs per client, "

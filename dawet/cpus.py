@@ -28,7 +28,8 @@ def parse_cpu_list(text: str) -> frozenset[int]:
 
 def split_cpus(engine_cpus: frozenset[int]) -> tuple[frozenset[int], frozenset[int]] | None:
     """(the engine's CPUs, everyone else's) among those this process may use; None when that
-    leaves either side without a CPU (then nothing is pinned)."""
+    leaves either side without a CPU (then nothing is pinned). Read it before pinning this
+    process: afterwards it may use the others' CPUs only."""
     usable = frozenset(os.sched_getaffinity(0))
     engine, others = engine_cpus & usable, usable - engine_cpus
     if engine_cpus and not (engine and others):

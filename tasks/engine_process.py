@@ -100,12 +100,11 @@ def build_engine(loaded, options: EngineOptions, after_steps=None, inbox=None):
                           inbox)
 
 
-def engine_options(settings) -> EngineOptions:
-    """The engine options a worker's settings (dawet.settings.Settings) choose."""
-    split = settings.engine_cpu_split()
+def engine_options(settings, cpus: frozenset[int] = frozenset()) -> EngineOptions:
+    """The engine options a worker's settings (dawet.settings.Settings) choose, with the CPUs
+    the engine process keeps to (empty: any)."""
     return EngineOptions(settings.engine, settings.max_batch_size, settings.kv_cache_tokens,
-                         settings.torch_threads, settings.log_level,
-                         split[0] if split else frozenset())
+                         settings.torch_threads, settings.log_level, cpus)
 
 
 def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = True,

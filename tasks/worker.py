@@ -109,10 +109,10 @@ def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
 
     settings = get_settings()
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    engine, info = start_engine(spec, engine_options(settings), settings.engine_process,
-                                on_lost=_exit_with_engine)
-    split = settings.engine_cpu_split()
-    if split and settings.engine_process:
+    split = settings.engine_cpu_split() if settings.engine_process else None
+    options = engine_options(settings, split[0] if split else frozenset())
+    engine, info = start_engine(spec, options, settings.engine_process, on_lost=_exit_with_engine)
+    if split:
         pin_process(split[1])  # the engine process has its CPUs; this one keeps off them
     report_engine_stats(engine.stats)
     store = JobStore(client, settings.job_ttl_seconds)
