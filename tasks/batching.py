@@ -1,15 +1,16 @@
 """Continuous batching: every running request shares one batched decode step per iteration.
 
 One scheduler thread owns the model. `run()` queues a request and waits for its end. Each
-iteration the scheduler drops cancelled rows, admits waiting requests (prompts of similar length
-prefill together, left-padded; the prefill's logits give the first token at once), copies
-their KV caches into the running batch's preallocated cache (tasks/kvcache.py: rows
-left-padded, explicit position ids), runs ONE decode step for all rows, samples each row with
-its request's own Sampler (batched, tasks/sampling.py), hands each row's step to its
-request's sink, and evicts the rows that ended. Admission is bounded by a batch size and a
-KV-cache budget; the thread blocks when idle. Requests come from `run()` or `submit()` on any
-thread, or from an inbox that the scheduler reads itself between iterations (the engine
-process's pipe: tasks/engine_process.py).
+iteration the scheduler drops cancelled rows, admits waiting requests, runs ONE decode step
+for all rows, samples each row with its request's own Sampler (batched, tasks/sampling.py),
+hands each row's step to its request's sink, and evicts the rows that ended. While rows are
+running, admitted prompts join that decode step, packed into its forward pass (tasks/packed.py);
+otherwise (and for long prompts) prompts of similar length prefill together, left-padded. Either
+way the pass's logits give a prompt's first token at once and its KV cache joins the running
+batch's preallocated cache (tasks/kvcache.py: rows left-padded, explicit position ids).
+Admission is bounded by a batch size and a KV-cache budget; the thread blocks when idle.
+Requests come from `run()` or `submit()` on any thread, or from an inbox that the scheduler
+reads itself between iterations (the engine process's pipe: tasks/engine_process.py).
 """
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ from tasks.contract import SamplingParams
 from tasks.engine import CANCELLED_STEP, StepSink, TokenStep, step_for
 from tasks.kvcache import KVBatch
 from tasks.metrics import EngineStats
+from tasks.packed import PackedStep, can_pack, packed_attention_on
 from tasks.sampling import Sampler, sample_batch
 
 logger = logging.getLogger(__name__)
 
 HISTORY_STEPS = 4096  # how many recent batch sizes the engine remembers
 PREFILL_PADDING = 1.25  # a prefill's padded tokens over its real ones, at most
+PACKED_PROMPT_TOKENS = 256  # the most prompt tokens that join one decode step (tasks/packed.py)
 
 
 EndCallback = Callable[[BaseException | None], None]  # a request's end: its error, or None
@@ -108,6 +111,16 @@ def _padding_allows(group: list[_Request]) -> bool:
     return len(lengths) * max(lengths) <= PREFILL_PADDING * sum(lengths)
 
 
+def _within_packed_budget(requests: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+    """(the requests whose prompts fit PACKED_PROMPT_TOKENS in all, in order; the rest): a
+    long prompt would slow the step down for every running row, so it prefills apart."""
+    joining, apart, tokens = [], [], 0
+    for request in requests:
+        tokens += len(request.prompt_ids)
+        (joining if tokens <= PACKED_PROMPT_TOKENS else apart).append(request)
+    return joining, apart
+
+
 def _left_padded(prompts: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
     """A prefill's model inputs: prompts left-padded to the longest, with the padding masked and
     position ids that start at each prompt's first token. Prompts of one length need neither."""
@@ -132,8 +145,11 @@ class BatchingEngine:
     """
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int,
-                 after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None):
+                 after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None,
+                 pack_prompts: bool = True):
         self._model, self._device = loaded.model, loaded.device
+        # prompts join a running batch inside its decode step, where the model allows it
+        self._pack_prompts = pack_prompts and can_pack(loaded.model)
         self._eos_ids = loaded.tokenizer.eos_token_ids
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
         self._after_steps = after_steps  # called after a forward pass's steps reached sinks
@@ -143,6 +159,7 @@ class BatchingEngine:
         self._rows: list[_Sequence] = []
         self._kv = KVBatch(loaded.device)
         self.step_count = 0
+        self.packed_prompts = 0  # prompts that joined a decode step instead of a prefill
         self._closed = False
         self.batch_sizes: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)  # (step, rows)
         self._thread = threading.Thread(target=self._run, name="dawet-batcher", daemon=True)
@@ -208,11 +225,12 @@ class BatchingEngine:
                     self._take_requests()
                     self._evict([i for i, s in enumerate(self._rows) if s.request.stopped],
                                 CANCELLED_STEP)
-                    for group in _prefill_groups(self._admissions()):
+                    joining, apart = self._joining(self._admissions())
+                    for group in _prefill_groups(apart):
                         self._prefill(group)
                         self._steps_delivered()  # first tokens go out before the decode step
                     if self._rows:
-                        self._decode_step()
+                        self._decode_step(joining)
                         self._steps_delivered()
                 except Exception as exc:  # the boundary: fail the batch, keep serving
                     logger.exception("batched decode step failed")
@@ -253,6 +271,13 @@ class BatchingEngine:
         longest = max(r.reserved_tokens for r in requests)
         return len(requests) <= self.max_batch_size and len(requests) * longest <= self.kv_cache_tokens
 
+    def _joining(self, admitted: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+        """Split admitted requests into those whose prompts join the next decode step and those
+        that prefill apart. With no running rows there is no step to join."""
+        if not (self._pack_prompts and self._rows):
+            return [], admitted
+        return _within_packed_budget(admitted)
+
     def _prefill(self, group: list[_Request]) -> None:
         """Run the prompts as one batch, deliver first tokens, join those not ended."""
         sequences = [_Sequence(r, self._eos_ids, self._device) for r in group]
@@ -277,18 +302,57 @@ class BatchingEngine:
         sequence.request.deliver(step)
         return step.finish is not None
 
-    def _decode_step(self) -> None:
-        """One forward pass for every running row, then per-row sampling and eviction."""
+    def _decode_step(self, joining: list[_Request]) -> None:
+        """One forward pass for every running row and the prompts joining them, then per-row
+        sampling and eviction; the joining requests that did not end take rows."""
         self.step_count += 1
         self.batch_sizes.append((self.step_count, len(self._rows)))
-        feed = torch.tensor([[s.last_token] for s in self._rows], device=self._device)
-        positions = torch.tensor([[s.length - 1] for s in self._rows], device=self._device)
-        out = self._model(input_ids=feed, attention_mask=self._kv.grow(), position_ids=positions,
-                          past_key_values=self._kv.cache, use_cache=True)
+        joiners = [_Sequence(r, self._eos_ids, self._device) for r in joining]
+        try:
+            logits, packed = self._forward(joiners)
+        except Exception:
+            if not joining:
+                raise
+            # a prompt may be what failed: prefilled apart, a failure fails its own requests
+            logger.exception("a packed decode step failed; its prompts prefill apart")
+            for group in _prefill_groups(joining):
+                self._prefill(group)
+            joiners, (logits, packed) = [], self._forward([])
         self._kv.advance()
-        tokens = sample_batch([s.sampler for s in self._rows], out.logits[:, -1, :])
-        ended = [self._accept(s, token) for s, token in zip(self._rows, tokens)]
-        self._evict([i for i, done in enumerate(ended) if done])
+        self.packed_prompts += len(joiners)
+        sequences = self._rows + joiners
+        tokens = sample_batch([s.sampler for s in sequences], logits)
+        ended = [self._accept(s, token) for s, token in zip(sequences, tokens)]
+        rows = len(self._rows)
+        self._evict([i for i, done in enumerate(ended[:rows]) if done])
+        for index, (joiner, done) in enumerate(zip(joiners, ended[rows:])):
+            if not done:
+                self._kv.add_rows(*packed.prompt_cache(index))
+                self._rows.append(joiner)
+
+    def _forward(self, joiners: list[_Sequence]) -> tuple[torch.Tensor, PackedStep | None]:
+        """The decode step's forward pass: logits (rows + joiners, vocab), and the packed step
+        holding the joiners' keys and values when there are joiners."""
+        tokens = [s.last_token for s in self._rows]
+        positions = [s.length - 1 for s in self._rows]
+        mask, cache = self._kv.grow(), self._kv.cache
+        if not joiners:
+            out = self._model(input_ids=self._column(tokens), position_ids=self._column(positions),
+                              attention_mask=mask, past_key_values=cache, use_cache=True)
+            return out.logits[:, -1, :], None
+        packed = PackedStep(len(self._rows), [s.request.prompt_ids for s in joiners])
+        self._kv.packed = packed
+        try:
+            with packed_attention_on(self._model):
+                out = self._model(**packed.inputs(tokens, positions, self._device),
+                                  attention_mask=mask, past_key_values=cache, use_cache=True,
+                                  packed_step=packed)
+        finally:
+            self._kv.packed = None
+        return out.logits[0], packed
+
+    def _column(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor([[value] for value in values], device=self._device)
 
     def _evict(self, rows: list[int], final: TokenStep | None = None) -> None:
         """Remove these rows from the batch, sending each a `final` step when given."""

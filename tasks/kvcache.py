@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from tasks.packed import PackedStep
+
 MIN_ROWS, MIN_COLUMNS = 8, 64  # the first buffers' size; they double from there
 
 
@@ -39,6 +41,7 @@ class KVBatch:
         self.device = device
         self.rows, self.start, self.end = 0, 0, 0
         self.cache: Cache | None = None
+        self.packed: PackedStep | None = None  # set during a packed step's forward pass
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._mask = torch.zeros((0, 0), dtype=torch.bool, device=device)
@@ -52,20 +55,29 @@ class KVBatch:
             attended: torch.Tensor | None = None) -> None:
         """Append these rows of a prefill's cache as last rows. `attended` is the prefill's
         attention mask (rows, length) when its prompts were left-padded: padding stays masked."""
-        length, count = cache.get_seq_length(), len(rows)
+        index = torch.tensor(rows, device=self.device)
+        self.add_rows([layer.keys[index] for layer in cache.layers],
+                      [layer.values[index] for layer in cache.layers],
+                      None if attended is None else attended[index].bool())
+
+    def add_rows(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 attended: torch.Tensor | None = None) -> None:
+        """Append rows as last rows, from each layer's keys and values (rows, heads, length,
+        dim); `attended` (rows, length) masks left padding, if any."""
+        count, length = keys[0].shape[0], keys[0].shape[2]
         if self.cache is None:
-            self._allocate(cache, max(MIN_ROWS, count), max(MIN_COLUMNS, 2 * (length + 1)))
+            self._allocate(keys, values, max(MIN_ROWS, count), max(MIN_COLUMNS, 2 * (length + 1)))
         self._make_room(self.rows + count, max(self.width, length))
         if length > self.width:  # widen the window to the left; old rows are padding there
             self._mask[:self.rows, self.end - length:self.start] = False
             self.start = self.end - length
-        index = torch.tensor(rows, device=self.device)
         new, span = slice(self.rows, self.rows + count), slice(self.end - length, self.end)
-        for layer, keys, values in zip(cache.layers, self._keys, self._values):
-            keys[new, :, span] = layer.keys[index]
-            values[new, :, span] = layer.values[index]
+        for layer_keys, layer_values, buffer_keys, buffer_values in zip(
+                keys, values, self._keys, self._values):
+            buffer_keys[new, :, span] = layer_keys
+            buffer_values[new, :, span] = layer_values
         self._mask[new, self.start:self.end] = False
-        self._mask[new, span] = True if attended is None else attended[index].bool()
+        self._mask[new, span] = True if attended is None else attended
         self.rows += count
 
     def grow(self) -> torch.Tensor:
@@ -81,7 +93,12 @@ class KVBatch:
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
         """Store a decode step's keys and values (rows, heads, 1, dim) at column `end`; return the
-        layer's window with them."""
+        layer's window with them. In a packed step they come as (1, heads, tokens, dim), the
+        rows' first: the prompts' rest goes to the step (tasks/packed.py)."""
+        if self.packed is not None:
+            self.packed.hold(layer, keys[:, :, self.rows:], values[:, :, self.rows:])
+            keys = keys[0, :, :self.rows].transpose(0, 1).unsqueeze(2)
+            values = values[0, :, :self.rows].transpose(0, 1).unsqueeze(2)
         column, window = slice(self.end, self.end + 1), slice(self.start, self.end + 1)
         self._keys[layer][:self.rows, :, column] = keys
         self._values[layer][:self.rows, :, column] = values
@@ -114,11 +131,12 @@ class KVBatch:
             buffer[target, :, window] = buffer[source, :, window]
         self._mask[target, window] = self._mask[source, window]
 
-    def _allocate(self, cache: DynamicCache, rows: int, columns: int) -> None:
-        self._keys = [_buffer(layer.keys, rows, columns) for layer in cache.layers]
-        self._values = [_buffer(layer.values, rows, columns) for layer in cache.layers]
+    def _allocate(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: int,
+                  columns: int) -> None:
+        self._keys = [_buffer(like, rows, columns) for like in keys]
+        self._values = [_buffer(like, rows, columns) for like in values]
         self._mask = torch.zeros((rows, columns), dtype=torch.bool, device=self.device)
-        self.cache = Cache(layers=[_WindowLayer(self, i) for i in range(len(cache.layers))])
+        self.cache = Cache(layers=[_WindowLayer(self, i) for i in range(len(keys))])
 
     def _make_room(self, rows: int, width: int) -> None:
         """Ensure room for `rows` rows and a window `width` wide ending at `end`, with a free

@@ -11,7 +11,8 @@ import pytest
 from conftest import DEMO_MODEL, MODELS_FILE
 from model_store.loader import LoadedModel, load_model
 from model_store.registry import load_registry
-from tasks.batching import PREFILL_PADDING, BatchingEngine, _prefill_groups, _Request
+from tasks.batching import (PACKED_PROMPT_TOKENS, PREFILL_PADDING, BatchingEngine,
+                            _prefill_groups, _Request, _within_packed_budget)
 from tasks.contract import FinishReason, Job, SamplingParams
 from tasks.engine import TokenStep, iterate
 from tasks.sequential import SequentialEngine
@@ -87,6 +88,81 @@ def test_a_request_yields_the_same_tokens_alone_or_in_a_batch_of_16(engine, load
     assert together == alone
     assert max(size for step, size in engine.batch_sizes if step > first) == BATCH
     assert len({len(tokens) for tokens in together}) > 1  # rows left the batch at different steps
+
+
+class _Staggered:
+    """Request 0 runs first; the others are submitted from its sink, a few at each of its
+    steps, so they reach an engine whose batch is running (as a busy worker's requests do)."""
+
+    def __init__(self, engine: BatchingEngine, prompts: list[list[int]],
+                 params: list[SamplingParams]):
+        self._engine, self._prompts, self._params = engine, prompts, params
+        self.tokens: list[list[int | None]] = [[] for _ in prompts]
+        self.errors: list[BaseException | None] = [None] * len(prompts)
+        self._ended = [threading.Event() for _ in prompts]
+        self._next = 1
+
+    def run(self) -> list[list[int | None]]:
+        self._submit(0)
+        for ended in self._ended:
+            assert ended.wait(60)
+        return self.tokens
+
+    def _submit(self, index: int) -> None:
+        def sink(step: TokenStep) -> None:
+            self.tokens[index].append(step.token_id)
+            if index == 0 and len(self.tokens[0]) % 2 == 0:  # every other step: up to three
+                for _ in range(min(len(self.tokens[0]) % 3 + 1, len(self._prompts) - self._next)):
+                    self._next += 1
+                    self._submit(self._next - 1)
+
+        def on_end(error: BaseException | None) -> None:
+            self.errors[index] = error
+            self._ended[index].set()
+
+        self._engine.submit(self._prompts[index], self._params[index], threading.Event(), sink,
+                            on_end)
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded-sampling"])
+def test_prompts_that_join_a_running_batch_yield_the_same_tokens_as_alone(loaded, greedy):
+    prompts, params = _prompts(loaded), [_params(i, greedy) for i in range(BATCH)]
+    params[0] = params[0].model_copy(update={"max_new_tokens": 64, "min_new_tokens": 64})
+    alone = [_tokens(iterate(SequentialEngine(loaded), p, q)) for p, q in zip(prompts, params)]
+    for pack in (True, False):
+        engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536,
+                                pack_prompts=pack)
+        try:
+            assert _Staggered(engine, prompts, params).run() == alone
+            assert (engine.packed_prompts >= BATCH // 2) if pack else engine.packed_prompts == 0
+        finally:
+            engine.close()
+
+
+def test_a_prompt_that_fails_in_a_packed_step_fails_alone(loaded):
+    """An out-of-vocabulary id fails the embedding: the step falls back to prefilling the
+    joining prompts apart, so only that request fails and the running row goes on."""
+    prompts, params = _prompts(loaded)[:3], [_params(i, True) for i in range(3)]
+    params[0] = params[0].model_copy(update={"max_new_tokens": 40, "min_new_tokens": 40})
+    alone = [_tokens(iterate(SequentialEngine(loaded), p, q)) for p, q in zip(prompts, params)]
+    prompts[1] = prompts[1] + [loaded.tokenizer.vocab_size + 7]
+    engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536)
+    try:
+        staggered = _Staggered(engine, prompts, params)
+        tokens = staggered.run()
+        assert tokens[0] == alone[0] and tokens[2] == alone[2]
+        assert tokens[1] == [] and isinstance(staggered.errors[1], IndexError)
+        assert staggered.errors[0] is None and staggered.errors[2] is None
+    finally:
+        engine.close()
+
+
+def test_the_prompts_joining_one_step_are_bounded_in_tokens():
+    requests = [_Request([1] * 100, _params(i, True), threading.Event(), None, None)
+                for i in range(4)]
+    joining, apart = _within_packed_budget(requests)
+    assert sum(len(r.prompt_ids) for r in joining) <= PACKED_PROMPT_TOKENS < 300
+    assert joining + apart == requests and len(joining) == 2
 
 
 def test_prompts_of_similar_length_prefill_together_within_the_padding_bound(loaded):
@@ -209,10 +285,12 @@ def test_chunking_coalesces_tokens_but_sends_the_first_at_once(redis_client, eng
     assert 2 <= len(chunked) <= elapsed / 0.1 + 2 < len(per_token)
 
 
-def _first_unique_window(text: str, size: int) -> str:
-    """A window after the start of `text` that occurs nowhere earlier in it."""
+def _window_across_a_boundary(text: str, size: int, boundaries: set[int]) -> str:
+    """A window after the start of `text` that occurs nowhere earlier in it and that a token
+    boundary cuts (which one that is depends on the sampled text, so on the host's numerics)."""
     return next(text[i:i + size] for i in range(size, len(text) - size)
-                if text.index(text[i:i + size]) == i and text[i:i + size].strip())
+                if text.index(text[i:i + size]) == i and text[i:i + size].strip()
+                and any(i < end < i + size for end in boundaries))
 
 
 def test_a_stop_sequence_split_across_tokens_is_never_streamed(redis_client, engine, loaded):
@@ -221,9 +299,8 @@ def test_a_stop_sequence_split_across_tokens_is_never_streamed(redis_client, eng
     pieces = _texts(_run_job(redis_client, engine, loaded, params, 0.0))  # one per token
     full = "".join(pieces)
     assert len(full) > 24, pieces
-    stop = _first_unique_window(full, 4)
-    start, ends = full.index(stop), {len("".join(pieces[:i])) for i in range(len(pieces))}
-    assert any(start < end < start + len(stop) for end in ends)  # it spans a token boundary
+    ends = {len("".join(pieces[:i])) for i in range(len(pieces))}
+    stop = _window_across_a_boundary(full, 4, ends)
     events = _run_job(redis_client, engine, loaded, params.model_copy(update={"stop": (stop,)}), 0.0)
     streamed = "".join(_texts(events))
     assert streamed == full[:full.index(stop)]
