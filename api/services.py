@@ -14,7 +14,7 @@ from flask import current_app
 
 from api.admission import Admission
 from api.conversations import ConversationStore
-from api.errors import APIError, invalid
+from api.errors import APIError, invalid, job_not_found
 from api.metrics import note_admitted
 from api.schemas import GenerationRequest, PromptInput
 from dawet.settings import Settings
@@ -22,7 +22,7 @@ from model_store.registry import ModelSpec, Registry, load_registry
 from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
 from tasks.celery_app import create_celery, send_job
 from tasks.contract import ErrorBody, ErrorEvent, Job, JobState, SamplingParams, StatusEvent
-from tasks.feed import JobFeed, StreamIdle, follow
+from tasks.feed import JobFeed, JobNotFound, StreamIdle, follow
 from tasks.joblog import JobStore
 from tasks.workers import WorkerRegistry
 
@@ -126,10 +126,13 @@ class Services:
         return job
 
     def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
-        """A job's events after `after` until done or error; going idle ends with an error."""
+        """A job's events after `after` until done or error; going idle ends with an error.
+        Raises a 404 APIError for an unknown job."""
         try:
             yield from follow(self.store, self.feed, job_id, after,
                               self.settings.stream_idle_timeout_seconds)
+        except JobNotFound:
+            raise job_not_found(job_id) from None
         except StreamIdle:
             yield ErrorEvent(STREAM_IDLE).to_dict()
         except redis.RedisError:
@@ -150,8 +153,7 @@ class Services:
         if prompt.text is None:
             return self.chat_prompt_ids(spec, list(prompt.messages), prompt.system_prompt,
                                         prompt.param)
-        tokenizer = self.tokenizer(spec)
-        return tokenizer.encode((tokenizer.bos_token or "") + prompt.text)
+        return self.tokenizer(spec).encode_prompt(prompt.text)
 
 def check_context(spec: ModelSpec, prompt_tokens: int, params: SamplingParams,
                    param: str) -> None:

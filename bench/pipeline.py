@@ -2,7 +2,8 @@
 
 For each model and each client count C, three kinds of run of C closed-loop clients, each
 asking for exactly `tokens` new tokens per job (min_new_tokens = max_new_tokens), repeated and
-interleaved; the table shows each kind's median run and TTFTs over all its runs:
+interleaved; the table shows each kind's median run, TTFTs over all its runs, and the median
+over repeats of each repeat's ratios:
   pipeline    HTTP POST /v1/generate → Celery → worker (batching engine) → Redis → WebSocket
   in-process  the same BatchingEngine called from C threads, no queue (the ceiling)
   sequential  SequentialEngine called from min(C, 16) threads in-process, one round (one job
@@ -56,6 +57,13 @@ class Result:
     def ttft_ms(self, quantile: float) -> float:
         ordered = sorted(self.ttfts)
         return 1000 * ordered[min(len(ordered) - 1, round(quantile * (len(ordered) - 1)))]
+
+
+def median_ratio(results: list[Result], baselines: list[Result]) -> float:
+    """The median over repeats of throughput / the baseline's throughput in the same repeat:
+    the runs of one repeat are seconds apart, so the host's drift cancels out of each ratio."""
+    ratios = sorted(r.tokens_per_second / b.tokens_per_second for r, b in zip(results, baselines))
+    return ratios[len(ratios) // 2]
 
 
 def median_run(results: list[Result]) -> Result:
@@ -119,19 +127,21 @@ def pipeline_job(api_url: str, model: str, tokens: int) -> Callable[[int], tuple
     return run
 
 
-def engine_job(engine, tokenizer, tokens: int) -> Callable[[int], tuple[int, float]]:
-    """One job straight into an engine, in this process, its steps only counted."""
-    from tasks.contract import SamplingParams
+def engine_job(engine, spec, tokenizer, tokens: int) -> Callable[[int], tuple[int, float]]:
+    """One job straight into an engine, in this process, its steps only counted. It is the
+    pipeline's job exactly: the same request body, resolved against the model's defaults (a
+    repetition penalty, say) and its prompt encoded as the API does."""
+    from api.schemas import GenerateRequest
 
     def run(index: int) -> tuple[int, float]:
-        params = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.7,
-                                top_p=0.95, seed=index)
+        request = GenerateRequest.model_validate(request_body(spec.name, index, tokens))
+        prompt_ids, params = tokenizer.encode_prompt(request.prompt), request.sampling_params(spec)
         started, marks = time.perf_counter(), []
 
         def count(step) -> None:
             marks.append((step.token_id is not None, time.perf_counter() - started))
 
-        engine.run(tokenizer.encode(f"{PROMPT} {index}"), params, threading.Event(), count)
+        engine.run(prompt_ids, params, threading.Event(), count)
         return sum(produced for produced, _ in marks), marks[0][1]
 
     return run
@@ -167,8 +177,8 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace,
     rows = []
     for clients in args.concurrency:
         run = {"pipeline": pipeline_job(stack.api_url, model, args.tokens),
-               "in-process": engine_job(batching, loaded.tokenizer, args.tokens),
-               "sequential": engine_job(sequential, loaded.tokenizer, args.tokens)}
+               "in-process": engine_job(batching, loaded.spec, loaded.tokenizer, args.tokens),
+               "sequential": engine_job(sequential, loaded.spec, loaded.tokenizer, args.tokens)}
         closed_loop(clients, 1, run["pipeline"])  # warm up the stack at this concurrency
         runs: dict[str, list[Result]] = {name: [] for name in run}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the host hits all three
@@ -178,8 +188,12 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace,
             runs["sequential"].append(closed_loop(min(clients, SEQUENTIAL_JOBS), 1,
                                                   run["sequential"]))
         rows.append({"model": model, "clients": clients,
-                     **{name: median_run(results) for name, results in runs.items()}})
-        logger.info("%s C=%d done", model, clients)
+                     **{name: median_run(results) for name, results in runs.items()},
+                     "ratios": [median_ratio(runs["pipeline"], runs[name])
+                                for name in ("in-process", "sequential")]})
+        logger.info("%s C=%d done; pipeline / in-process by repeat: %s", model, clients,
+                    " ".join(f"{p.tokens_per_second / c.tokens_per_second:.2f}"
+                             for p, c in zip(runs["pipeline"], runs["in-process"])))
     batching.close()
     return rows
 
@@ -192,13 +206,13 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         pipe, ceiling, seq = row["pipeline"], row["in-process"], row["sequential"]
+        to_ceiling, to_sequential = row["ratios"]
         lines.append(
             f"| {row['model']} | {row['clients']} | {pipe.tokens_per_second:.0f} "
             f"| {pipe.ttft_ms(0.5):.0f} | {pipe.ttft_ms(0.99):.0f} "
             f"| {ceiling.tokens_per_second:.0f} | {ceiling.ttft_ms(0.99):.0f} "
             f"| {seq.tokens_per_second:.0f} "
-            f"| {pipe.tokens_per_second / ceiling.tokens_per_second:.2f}x "
-            f"| {pipe.tokens_per_second / seq.tokens_per_second:.1f}x |")
+            f"| {to_ceiling:.2f}x | {to_sequential:.1f}x |")
     return "\n".join(lines)
 
 
@@ -209,8 +223,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per job")
     parser.add_argument("--rounds", type=int, default=3, help="jobs per client in each run")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of each kind per C; the table shows the median run")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="runs of each kind per C; the table shows the median run and the "
+                             "median of each repeat's ratios")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--chunk-seconds", type=float, default=0.05,
                         help="DAWET_STREAM_CHUNK_SECONDS for the worker")
@@ -252,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.stop()
     sys.stdout.write(f"\n{args.tokens} new tokens per job, {args.rounds} jobs per client, "
-                     f"median of {args.repeats} runs, "
+                     f"median of {args.repeats} runs and of their paired ratios, "
                      f"{os.cpu_count()} CPUs, torch threads {args.torch_threads or 'default'}, "
                      f"engine CPUs {args.engine_cpus or 'any'}, "
                      f"chunk {args.chunk_seconds}s (logs: {log_dir})\n\n"

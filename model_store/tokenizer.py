@@ -63,6 +63,11 @@ class ChatTokenizer:
         """Token ids for text; special tokens only where the text spells them."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids for a raw (not chat) prompt: the BOS token, if the model has one, then
+        the text."""
+        return self.encode((self.bos_token or "") + text)
+
     def decode(self, ids: list[int]) -> str:
         """Text for token ids, without special tokens."""
         return self._tokenizer.decode(ids, skip_special_tokens=True)
