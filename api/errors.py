@@ -35,6 +35,11 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_request
 OWN_CODES = frozenset({"unsupported_parameter", "unsupported_value"})
 
 
+def job_not_found(job_id: str) -> APIError:
+    return APIError(404, f"job {job_id!r} does not exist or has expired", "job_not_found",
+                    param="job_id")
+
+
 def from_validation_error(exc: ValidationError) -> APIError:
     """The first pydantic error, with its field path as `param`."""
     first = exc.errors()[0]

@@ -8,7 +8,7 @@ from flask import Blueprint, request, url_for
 from simple_websocket import ConnectionClosed
 
 from api.auth import require_api_key
-from api.errors import APIError
+from api.errors import APIError, job_not_found
 from api.extensions import sock
 from api.metrics import OPEN_STREAMS, count_admission
 from api.schemas import GenerateRequest
@@ -34,8 +34,11 @@ def create_generation():
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
     """Return a job's state and its text so far (or final text), usage and timings."""
-    view = JobView(existing_job_id(job_id))
-    for event in services().store.read(job_id):
+    events = services().store.read_existing(job_id)
+    if events is None:
+        raise job_not_found(job_id)
+    view = JobView(job_id)
+    for event in events:
         view.apply(event)
     return view.to_dict()
 
@@ -52,7 +55,6 @@ def stream_job(ws, job_id: str):
     """Send the job's events after `?after=<seq>` as JSON frames; close after done or error."""
     try:
         after = _after_param()
-        existing_job_id(job_id)
         with OPEN_STREAMS.labels("websocket").track_inprogress():
             relay_events(ws, job_id, after)
     except APIError as exc:
@@ -76,6 +78,5 @@ def _after_param() -> int:
 
 def existing_job_id(job_id: str) -> str:
     if not services().store.exists(job_id):
-        raise APIError(404, f"job {job_id!r} does not exist or has expired", "job_not_found",
-                       param="job_id")
+        raise job_not_found(job_id)
     return job_id

@@ -4,9 +4,9 @@ An append PUBLISHes the event itself on `dawet:wake:<id>` (tasks/joblog.py), and
 holds one pub/sub connection, subscribed only to the jobs it relays right now. So a follower
 usually takes events straight from the message, with no read, and a process never hears the
 jobs of others. Pub/sub loses the messages sent while a connection is down and those sent
-before a subscription takes effect, so a subscription's confirmation (including the
-re-subscription after a reconnect), a gap in the sequence numbers and a quiet second each make
-the follower re-read the log.
+before a subscription takes effect, so a follower reads the log once its subscription is
+confirmed (one read: what the log lacks then, a message brings), and a re-subscription after a
+reconnect, a gap in the sequence numbers and a quiet second each make it read the log again.
 """
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ RESYNC = None  # an inbox item meaning "re-read the log": messages may have been
 
 class StreamIdle(Exception):
     """No event arrived within the idle timeout."""
+
+
+class JobNotFound(LookupError):
+    """The job to follow does not exist (or its records expired)."""
 
 
 class Inbox:
@@ -72,6 +76,7 @@ class JobFeed:
     def __init__(self, client: redis.Redis):
         self._pubsub = client.pubsub()
         self._inboxes: dict[str, set[Inbox]] = {}
+        self._confirmed: set[str] = set()  # jobs whose subscription Redis has confirmed
         self._lock = threading.Lock()
         self._started = False
         self._closed = threading.Event()
@@ -82,7 +87,8 @@ class JobFeed:
 
     @contextmanager
     def subscription(self, job_id: str) -> Iterator[Inbox]:
-        """An inbox that receives the job's events while the block runs."""
+        """An inbox that receives the job's events while the block runs. Its first item is a
+        RESYNC once the subscription is in effect: from then on, no event is missed."""
         inbox = Inbox()
         self._add(job_id, inbox)
         try:
@@ -97,6 +103,8 @@ class JobFeed:
             if inboxes is None:  # the first follower: subscribe, and record it once that worked
                 self._pubsub.subscribe(wake_channel(job_id))
                 inboxes = self._inboxes[job_id] = set()
+            elif job_id in self._confirmed:  # no confirmation is coming for this one
+                inbox.put(RESYNC)
             inboxes.add(inbox)
 
     def _remove(self, job_id: str, inbox: Inbox) -> None:
@@ -107,6 +115,7 @@ class JobFeed:
             inboxes.discard(inbox)
             if not inboxes:
                 del self._inboxes[job_id]
+                self._confirmed.discard(job_id)
                 try:
                     self._pubsub.unsubscribe(wake_channel(job_id))
                 except redis.RedisError:
@@ -133,6 +142,7 @@ class JobFeed:
         self._pubsub.close()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
+        job_id = job_of_channel(message["channel"])
         if message["type"] == "subscribe":
             item = RESYNC  # events appended before the subscription took effect were missed
         elif message["type"] == "message":
@@ -141,12 +151,15 @@ class JobFeed:
         else:
             return
         with self._lock:
-            inboxes = list(self._inboxes.get(job_of_channel(message["channel"]), ()))
+            inboxes = list(self._inboxes.get(job_id, ()))
+            if item is RESYNC and inboxes:
+                self._confirmed.add(job_id)
         for inbox in inboxes:
             inbox.put(item)
 
     def _resync_all(self) -> None:
         with self._lock:
+            self._confirmed.clear()  # redis-py subscribes again on reconnecting: confirmed anew
             inboxes = [inbox for group in self._inboxes.values() for inbox in group]
         for inbox in inboxes:
             inbox.put(RESYNC)
@@ -160,10 +173,15 @@ def follow(store: JobStore, feed: JobFeed, job_id: str, after: int,
            idle_timeout: float) -> Iterator[dict[str, Any]]:
     """Replay events after `after`, then follow live until a terminal event.
 
-    Raises StreamIdle when no event arrives for `idle_timeout` seconds.
+    Raises JobNotFound for an unknown job, and StreamIdle when no event arrives for
+    `idle_timeout` seconds.
     """
     with feed.subscription(job_id) as inbox:
-        events = store.read(job_id, after)
+        inbox.ready.wait(RECHECK_SECONDS)  # the confirmation: then one read misses nothing
+        inbox.events_after(after)  # whatever came with it is in the log too
+        events = store.read_existing(job_id, after)
+        if events is None:
+            raise JobNotFound(job_id)
         if not events and _ended_by(store.last_event(job_id), after):
             return  # a reader that resumes after the last event of a finished job
         idle = 0.0

@@ -150,6 +150,16 @@ class JobStore:
         entries = self.redis.xrange(_log_key(job_id), min=f"({after}-0", max="+")
         return [_decode(entry_id, fields) for entry_id, fields in entries]
 
+    def read_existing(self, job_id: str, after: int = 0) -> list[dict[str, Any]] | None:
+        """As `read`, in the same round trip as a check that the job exists: None if not."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(_job_key(job_id))
+            pipe.xrange(_log_key(job_id), min=f"({after}-0", max="+")
+            exists, entries = pipe.execute()
+        if not exists:
+            return None
+        return [_decode(entry_id, fields) for entry_id, fields in entries]
+
     def last_event(self, job_id: str) -> dict[str, Any] | None:
         """The newest event of a job, or None before the first."""
         entries = self.redis.xrevrange(_log_key(job_id), count=1)

@@ -11,7 +11,7 @@ import redis
 from conftest import wait_until
 from tasks.contract import (DoneEvent, FinishReason, Job, JobState, SamplingParams, StatusEvent,
                             TokenEvent, Usage)
-from tasks.feed import JobFeed, StreamIdle, follow
+from tasks.feed import JobFeed, JobNotFound, StreamIdle, follow
 from tasks.joblog import (CancelListener, EventWriteFailed, EventWriter, JobStore,
                           wake_channel)
 
@@ -117,6 +117,25 @@ def _follow_in_thread(store: JobStore, feed: JobFeed, job_id: str) -> tuple[thre
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     return reader, seen
+
+
+def test_following_an_unknown_job_raises_job_not_found(store, feed):
+    with pytest.raises(JobNotFound):
+        list(follow(store, feed, "no-such-job", 0, idle_timeout=5))
+    assert store.read_existing("no-such-job") is None
+
+
+def test_a_follower_reads_the_log_once_its_subscription_is_confirmed(store, feed):
+    """A second follower of a job shares the first one's subscription: Redis sends it no
+    confirmation, so the feed tells it at once that reading the log now misses nothing."""
+    job = _new_job(store)
+    with feed.subscription(job.id) as first:
+        assert first.ready.wait(5) and first.events_after(0) is None  # the confirmation: read
+        with feed.subscription(job.id) as second:
+            assert second.ready.is_set() and second.events_after(0) is None
+            store.append(job.id, StatusEvent(JobState.QUEUED))
+            assert second.ready.wait(5) and second.events_after(0) == [
+                {"seq": 1, "type": "status", "state": "queued"}]
 
 
 def _subscribers(redis_client, job: Job) -> int:
