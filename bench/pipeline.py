@@ -32,6 +32,7 @@ import websocket
 from dawet.cpus import pin_process
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
+from tasks.engine_process import GIL_SWITCH_SECONDS
 
 logger = logging.getLogger("bench")
 
@@ -231,7 +232,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="DAWET_STREAM_CHUNK_SECONDS for the worker")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="DAWET_TORCH_THREADS for the worker and the in-process runs (0: default)")
-    parser.add_argument("--api-workers", type=int, default=2)
+    parser.add_argument("--api-workers", default="auto",
+                        help="DAWET_API_WORKERS (auto: one per CPU left to the stack when the "
+                             "engine has CPUs of its own, else the setting's default)")
     parser.add_argument("--engine-cpus", default="auto",
                         help="DAWET_ENGINE_CPUS for the worker, and the CPUs of the in-process "
                              "scheduler; the clients keep to the others (auto: the last CPU on "
@@ -242,6 +245,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.engine_cpus == "auto":
         usable = sorted(os.sched_getaffinity(0))
         args.engine_cpus = str(usable[-1]) if len(usable) > 1 else ""
+    if args.api_workers == "auto":
+        split = Settings(engine_cpus=args.engine_cpus).engine_cpu_split()
+        args.api_workers = len(split[1]) if split else Settings().api_workers
+    args.api_workers = int(args.api_workers)
     if args.quick:
         args.models, args.concurrency, args.tokens, args.rounds = ["dawet-bench-4m"], [1, 16], 16, 1
         args.repeats = 1
@@ -251,6 +258,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Start the stack, run every model and client count, print the table."""
     args = parse_args(argv)
+    # The client threads share this process's GIL, and websocket-client reads a handshake's
+    # reply one byte (one recv, one GIL hand-off) at a time: at CPython's 5 ms switch interval
+    # a thread back from recv waited that long behind the others. 1 ms, as the worker uses.
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log_dir = Path(tempfile.mkdtemp(prefix="dawet-bench-"))
