@@ -142,7 +142,6 @@ class JobFeed:
         self._pubsub.close()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        job_id = job_of_channel(message["channel"])
         if message["type"] == "subscribe":
             item = RESYNC  # events appended before the subscription took effect were missed
         elif message["type"] == "message":
@@ -150,6 +149,7 @@ class JobFeed:
             item = (int(seq), raw)
         else:
             return
+        job_id = job_of_channel(message["channel"])
         with self._lock:
             inboxes = list(self._inboxes.get(job_id, ()))
             if item is RESYNC and inboxes:
