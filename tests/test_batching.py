@@ -128,7 +128,9 @@ class _Staggered:
 def test_prompts_that_join_a_running_batch_yield_the_same_tokens_as_alone(loaded, greedy):
     prompts, params = _prompts(loaded), [_params(i, greedy) for i in range(BATCH)]
     params[0] = params[0].model_copy(update={"max_new_tokens": 64, "min_new_tokens": 64})
+    params[5] = params[5].model_copy(update={"max_new_tokens": 1, "min_new_tokens": 1})  # ends
     alone = [_tokens(iterate(SequentialEngine(loaded), p, q)) for p, q in zip(prompts, params)]
+    assert len(alone[5]) == 1  # ... with its first token, so it never takes a row
     for pack in (True, False):
         engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536,
                                 pack_prompts=pack)
