@@ -149,7 +149,7 @@ class BatchingEngine:
                  pack_prompts: bool = True):
         self._model, self._device = loaded.model, loaded.device
         # prompts join a running batch inside its decode step, where the model allows it
-        self._pack_prompts = pack_prompts and can_pack(loaded.model)
+        self._pack_prompts = pack_prompts and can_pack(loaded)
         self._eos_ids = loaded.tokenizer.eos_token_ids
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
         self._after_steps = after_steps  # called after a forward pass's steps reached sinks

@@ -23,6 +23,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from model_store.registry import Backend
+
 ATTENTION = "dawet_packed"
 
 
@@ -89,10 +91,12 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 AttentionInterface.register(ATTENTION, packed_attention)
 
 
-def can_pack(model: torch.nn.Module) -> bool:
-    """Whether the model's attention is transformers' sdpa, which a packed pass stands in for
-    (eager, flash attention or unsloth's own kernels are left alone)."""
-    return getattr(model.config, "_attn_implementation", None) == "sdpa"
+def can_pack(loaded) -> bool:
+    """Whether the loaded model (model_store.loader.LoadedModel) runs transformers' own
+    attention layers with sdpa, which a packed pass stands in for. Eager or flash attention are
+    left alone, and so is unsloth, which patches the attention layers themselves."""
+    return (loaded.backend is Backend.TRANSFORMERS
+            and getattr(loaded.model.config, "_attn_implementation", None) == "sdpa")
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """The batching engine on the real demo model (CPU), and the runner's streaming on real Redis."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -10,13 +11,14 @@ import pytest
 
 from conftest import DEMO_MODEL, MODELS_FILE
 from model_store.loader import LoadedModel, load_model
-from model_store.registry import load_registry
+from model_store.registry import Backend, load_registry
 from tasks.batching import (PACKED_PROMPT_TOKENS, PREFILL_PADDING, BatchingEngine,
                             _prefill_groups, _Request, _within_packed_budget)
 from tasks.contract import FinishReason, Job, SamplingParams
 from tasks.engine import TokenStep, iterate
 from tasks.sequential import SequentialEngine
 from tasks.joblog import JobStore
+from tasks.packed import can_pack
 from tasks.runner import JobRunner
 
 BATCH = 16
@@ -157,6 +159,11 @@ def test_a_prompt_that_fails_in_a_packed_step_fails_alone(loaded):
         assert staggered.errors[0] is None and staggered.errors[2] is None
     finally:
         engine.close()
+
+
+def test_only_transformers_own_sdpa_attention_is_packed(loaded):
+    assert loaded.model.config._attn_implementation == "sdpa" and can_pack(loaded)
+    assert not can_pack(dataclasses.replace(loaded, backend=Backend.UNSLOTH))  # its own layers
 
 
 def test_the_prompts_joining_one_step_are_bounded_in_tokens():
