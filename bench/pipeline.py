@@ -60,11 +60,14 @@ class Result:
         return 1000 * ordered[min(len(ordered) - 1, round(quantile * (len(ordered) - 1)))]
 
 
-def median_ratio(results: list[Result], baselines: list[Result]) -> float:
-    """The median over repeats of throughput / the baseline's throughput in the same repeat:
-    the runs of one repeat are seconds apart, so the host's drift cancels out of each ratio."""
-    ratios = sorted(r.tokens_per_second / b.tokens_per_second for r, b in zip(results, baselines))
-    return ratios[len(ratios) // 2]
+def paired_ratios(results: list[Result], baselines: list[Result]) -> list[float]:
+    """Throughput over the baseline's throughput, repeat by repeat: the runs of one repeat are
+    seconds apart, so the host's drift cancels out of each ratio."""
+    return [r.tokens_per_second / b.tokens_per_second for r, b in zip(results, baselines)]
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def median_run(results: list[Result]) -> Result:
@@ -190,11 +193,11 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace,
                                                   run["sequential"]))
         rows.append({"model": model, "clients": clients,
                      **{name: median_run(results) for name, results in runs.items()},
-                     "ratios": [median_ratio(runs["pipeline"], runs[name])
+                     "ratios": [median(paired_ratios(runs["pipeline"], runs[name]))
                                 for name in ("in-process", "sequential")]})
         logger.info("%s C=%d done; pipeline / in-process by repeat: %s", model, clients,
-                    " ".join(f"{p.tokens_per_second / c.tokens_per_second:.2f}"
-                             for p, c in zip(runs["pipeline"], runs["in-process"])))
+                    " ".join(f"{ratio:.2f}" for ratio in
+                             paired_ratios(runs["pipeline"], runs["in-process"])))
     batching.close()
     return rows
 
