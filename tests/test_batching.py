@@ -55,9 +55,11 @@ def _tokens(steps: Iterator[TokenStep]) -> list[int | None]:
     return [step.token_id for step in steps]
 
 
-def _alone(loaded: LoadedModel, greedy: bool) -> list[list[int | None]]:
+def _alone(loaded: LoadedModel, prompts: list[list[int]],
+           params: list[SamplingParams]) -> list[list[int | None]]:
+    """Each request's tokens from the one-at-a-time engine."""
     sequential = SequentialEngine(loaded)
-    return [_tokens(iterate(sequential, p, _params(i, greedy))) for i, p in enumerate(_prompts(loaded))]
+    return [_tokens(iterate(sequential, p, q)) for p, q in zip(prompts, params)]
 
 
 class _Gate:
@@ -84,7 +86,7 @@ def _together(engine: BatchingEngine, loaded: LoadedModel, greedy: bool) -> list
 def test_a_request_yields_the_same_tokens_alone_or_in_a_batch_of_16(engine, loaded, greedy):
     lengths = [len(p) for p in _prompts(loaded)]
     assert 1 < len(set(lengths)) < len(lengths)  # rows left-padded in prefills and in the batch
-    alone = _alone(loaded, greedy)
+    alone = _alone(loaded, _prompts(loaded), [_params(i, greedy) for i in range(BATCH)])
     first = engine.step_count
     together = _together(engine, loaded, greedy)
     assert together == alone
@@ -131,7 +133,7 @@ def test_prompts_that_join_a_running_batch_yield_the_same_tokens_as_alone(loaded
     prompts, params = _prompts(loaded), [_params(i, greedy) for i in range(BATCH)]
     params[0] = params[0].model_copy(update={"max_new_tokens": 64, "min_new_tokens": 64})
     params[5] = params[5].model_copy(update={"max_new_tokens": 1, "min_new_tokens": 1})  # ends
-    alone = [_tokens(iterate(SequentialEngine(loaded), p, q)) for p, q in zip(prompts, params)]
+    alone = _alone(loaded, prompts, params)
     assert len(alone[5]) == 1  # ... with its first token, so it never takes a row
     for pack in (True, False):
         engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536,
@@ -148,7 +150,7 @@ def test_a_prompt_that_fails_in_a_packed_step_fails_alone(loaded):
     joining prompts apart, so only that request fails and the running row goes on."""
     prompts, params = _prompts(loaded)[:3], [_params(i, True) for i in range(3)]
     params[0] = params[0].model_copy(update={"max_new_tokens": 40, "min_new_tokens": 40})
-    alone = [_tokens(iterate(SequentialEngine(loaded), p, q)) for p, q in zip(prompts, params)]
+    alone = _alone(loaded, prompts, params)
     prompts[1] = prompts[1] + [loaded.tokenizer.vocab_size + 7]
     engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536)
     try:
