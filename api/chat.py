@@ -26,7 +26,7 @@ from api.schemas import (ChatCancel, ChatFrame, ChatRegenerate, ChatResume, Chat
                          SamplingFields, parse_chat_frame)
 from api.services import Services, check_context, services
 from model_store.tokenizer import Message
-from tasks.contract import ErrorEvent, is_terminal
+from tasks.jobs.contract import ErrorEvent, is_terminal
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("chat", __name__)

@@ -16,8 +16,8 @@ import redis
 from pydantic import BaseModel, Field
 
 from model_store.tokenizer import Message
-from tasks.contract import JobState, JobView, is_terminal
-from tasks.joblog import JobStore
+from tasks.jobs.contract import JobState, JobView, is_terminal
+from tasks.jobs.log import JobStore
 
 PENDING = "pending"
 ANSWERED = frozenset({JobState.SUCCEEDED.value, JobState.CANCELLED.value})

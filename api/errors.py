@@ -9,7 +9,7 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from tasks.contract import ErrorBody
+from tasks.jobs.contract import ErrorBody
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from api.extensions import sock
 from api.metrics import OPEN_STREAMS, count_admission
 from api.schemas import GenerateRequest
 from api.services import services
-from tasks.contract import JobView
+from tasks.jobs.contract import JobView
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1")

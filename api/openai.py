@@ -19,7 +19,7 @@ from api.metrics import count_admission, counted_stream
 from api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from api.services import Services, services
 from model_store.registry import ModelSpec
-from tasks.contract import ErrorBody, Job, JobView
+from tasks.jobs.contract import ErrorBody, Job, JobView
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("openai", __name__, url_prefix="/v1")

@@ -11,7 +11,7 @@ from pydantic_core import PydanticCustomError
 from api.errors import APIError, from_validation_error, invalid
 from model_store.registry import ModelSpec
 from model_store.tokenizer import Message
-from tasks.contract import SamplingParams
+from tasks.jobs.contract import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]

@@ -20,11 +20,11 @@ from api.schemas import GenerationRequest, PromptInput
 from dawet.settings import Settings
 from model_store.registry import ModelSpec, Registry, load_registry
 from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
-from tasks.celery_app import create_celery, send_job
-from tasks.contract import ErrorBody, ErrorEvent, Job, JobState, SamplingParams, StatusEvent
-from tasks.feed import JobFeed, JobNotFound, StreamIdle, follow
-from tasks.joblog import JobStore
-from tasks.workers import WorkerRegistry
+from tasks.worker.app import create_celery, send_job
+from tasks.jobs.contract import ErrorBody, ErrorEvent, Job, JobState, SamplingParams, StatusEvent
+from tasks.jobs.feed import JobFeed, JobNotFound, StreamIdle, follow
+from tasks.jobs.log import JobStore
+from tasks.jobs.workers import WorkerRegistry
 
 STREAM_IDLE = ErrorBody("no event from the worker within the stream idle timeout",
                         "server_error", "stream_timeout")

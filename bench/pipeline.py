@@ -32,7 +32,7 @@ import websocket
 from dawet.cpus import pin_process
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
-from tasks.engine_process import GIL_SWITCH_SECONDS
+from tasks.engine.process import GIL_SWITCH_SECONDS
 
 logger = logging.getLogger("bench")
 
@@ -168,8 +168,8 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace,
     engine's CPUs and the others', read before this process kept to the others."""
     from model_store.loader import load_model
     from model_store.registry import load_registry
-    from tasks.batching import BatchingEngine
-    from tasks.sequential import SequentialEngine
+    from tasks.engine.batching.engine import BatchingEngine
+    from tasks.engine.sequential import SequentialEngine
 
     loaded = load_model(load_registry(ROOT / "models.toml").get(model))
     if split:  # the in-process scheduler gets the engine's CPUs too; the clients keep off them

@@ -122,7 +122,7 @@ def redis_argv(binary: str, port: int, data_dir: str) -> list[str]:
 def worker_argv(model: str | None, gpu: str | None, concurrency: int, name: str,
                 log_level: str = "INFO") -> list[str]:
     """A Celery worker on the threads pool serving one model."""
-    argv = [sys.executable, "-m", "celery", "-A", "tasks.celery_app", "worker", "-P", "threads",
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.worker.app", "worker", "-P", "threads",
             "-c", str(concurrency), "-n", name, "--without-gossip", "--without-mingle",
             "--loglevel", log_level]
     argv += ["--model", model] if model else []

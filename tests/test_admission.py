@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from api import create_app
 from conftest import ARTIFACTS, DEMO_MODEL, MODELS_FILE, stream_events, submit
 from dawet.settings import Settings
-from tasks.celery_app import create_celery, send_job
-from tasks.contract import Job, JobState, SamplingParams, StatusEvent
-from tasks.joblog import JobStore
+from tasks.worker.app import create_celery, send_job
+from tasks.jobs.contract import Job, JobState, SamplingParams, StatusEvent
+from tasks.jobs.log import JobStore
 
 IDLE_MODEL = "dawet-tiny"  # in the registry, but the session stack runs no worker for it
 IDLE_QUEUE = f"dawet.{IDLE_MODEL}"

@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import websocket
 
 from conftest import DEMO_MODEL, stream_events, submit, token_text
-from tasks.celery_app import create_celery, send_job
-from tasks.contract import Job, JobState, SamplingParams, StatusEvent
-from tasks.joblog import JobStore
+from tasks.worker.app import create_celery, send_job
+from tasks.jobs.contract import Job, JobState, SamplingParams, StatusEvent
+from tasks.jobs.log import JobStore
 
 CHAT = [{"role": "user", "content": "Hello, what should I cook today?"}]
 GREEDY = {"temperature": 0.0, "min_new_tokens": 0}

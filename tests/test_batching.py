@@ -12,14 +12,15 @@ import pytest
 from conftest import DEMO_MODEL, MODELS_FILE
 from model_store.loader import LoadedModel, load_model
 from model_store.registry import Backend, load_registry
-from tasks.batching import (PACKED_PROMPT_TOKENS, PREFILL_PADDING, BatchingEngine,
-                            _prefill_groups, _Request, _within_packed_budget)
-from tasks.contract import FinishReason, Job, SamplingParams
-from tasks.engine import TokenStep, iterate
-from tasks.sequential import SequentialEngine
-from tasks.joblog import JobStore
-from tasks.packed import can_pack
-from tasks.runner import JobRunner
+from tasks.engine.batching.engine import BatchingEngine
+from tasks.engine.batching.scheduler import (PACKED_PROMPT_TOKENS, PREFILL_PADDING, Request,
+                                             prefill_groups, split_admitted)
+from tasks.jobs.contract import FinishReason, Job, SamplingParams
+from tasks.engine.interface import TokenStep, iterate
+from tasks.engine.sequential import SequentialEngine
+from tasks.jobs.log import JobStore
+from tasks.engine.batching.packed import can_pack
+from tasks.worker.runner import JobRunner
 
 BATCH = 16
 
@@ -169,17 +170,17 @@ def test_only_transformers_own_sdpa_attention_is_packed(loaded):
 
 
 def test_the_prompts_joining_one_step_are_bounded_in_tokens():
-    requests = [_Request([1] * 100, _params(i, True), threading.Event(), None, None)
+    requests = [Request([1] * 100, _params(i, True), threading.Event(), None, None)
                 for i in range(4)]
-    joining, apart = _within_packed_budget(requests)
+    joining, apart = split_admitted(requests, can_join=True)
     assert sum(len(r.prompt_ids) for r in joining) <= PACKED_PROMPT_TOKENS < 300
     assert joining + apart == requests and len(joining) == 2
 
 
 def test_prompts_of_similar_length_prefill_together_within_the_padding_bound(loaded):
-    requests = [_Request(p, _params(i, True), threading.Event(), None, None)
+    requests = [Request(p, _params(i, True), threading.Event(), None, None)
                 for i, p in enumerate(_prompts(loaded))]
-    groups = _prefill_groups(requests)
+    groups = prefill_groups(requests)
     assert sorted(map(id, sum(groups, []))) == sorted(map(id, requests))
     for group in groups:
         lengths = [len(r.prompt_ids) for r in group]

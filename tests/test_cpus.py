@@ -56,7 +56,7 @@ def test_the_engine_process_has_its_cpus_and_the_others_keep_off_them(pinned):
     assert events[-1]["type"] == "done"
     launched = [psutil.Process(child.process.pid) for child in pinned.children]
     children = launched + [p for parent in launched for p in parent.children(recursive=True)]
-    engine = [p for p in children if "tasks.engine_process" in " ".join(p.cmdline())]
+    engine = [p for p in children if "tasks.engine.host" in " ".join(p.cmdline())]
     others = [p for p in children if p not in engine]
     assert len(engine) == 1 and len(others) >= 4  # redis, worker, gunicorn and its worker
     assert _thread_cpus(engine[0]) == {frozenset({ENGINE_CPU})}

@@ -6,7 +6,7 @@ import pytest
 from conftest import MODELS_FILE
 from model_store.registry import load_registry
 from model_store.tokenizer import Message
-from tasks.contract import FinishReason, SamplingParams
+from tasks.jobs.contract import FinishReason, SamplingParams
 
 GREEDY = dict(temperature=0.0, top_p=1.0, repetition_penalty=1.1)
 
@@ -25,8 +25,8 @@ def _prompt(loaded, text="Hello, what should I cook today?") -> list[int]:
 
 
 def _generate(loaded, **params) -> tuple[list[int], FinishReason]:
-    from tasks.engine import iterate
-    from tasks.sequential import SequentialEngine
+    from tasks.engine.interface import iterate
+    from tasks.engine.sequential import SequentialEngine
 
     steps = list(iterate(SequentialEngine(loaded), _prompt(loaded), SamplingParams(**params)))
     return [s.token_id for s in steps if s.token_id is not None], steps[-1].finish

@@ -14,9 +14,10 @@ import pytest
 
 from conftest import DEMO_MODEL, MODELS_FILE, ROOT, wait_until
 from model_store.registry import load_registry
-from tasks.contract import FinishReason, SamplingParams
-from tasks.engine import CANCELLED_STEP, TokenStep, iterate
-from tasks.engine_process import EngineLost, EngineOptions, EngineProcess
+from tasks.jobs.contract import FinishReason, SamplingParams
+from tasks.engine.interface import CANCELLED_STEP, TokenStep, iterate
+from tasks.engine.factory import EngineOptions
+from tasks.engine.process import EngineLost, EngineProcess
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, top_p=1.0)
 LONG = SamplingParams(max_new_tokens=1500, min_new_tokens=1500, temperature=0.0, top_p=1.0)
@@ -42,7 +43,7 @@ def _tokens(steps) -> list[int | None]:
 
 def test_the_engine_process_yields_what_the_engine_yields_in_this_process(engine, spec):
     from model_store.loader import load_model
-    from tasks.sequential import SequentialEngine
+    from tasks.engine.sequential import SequentialEngine
 
     here = SequentialEngine(load_model(spec))
     assert [_tokens(iterate(engine, p, GREEDY)) for p in PROMPTS] == \
@@ -53,7 +54,7 @@ def test_the_engine_process_yields_what_the_engine_yields_in_this_process(engine
 
 def test_the_one_at_a_time_engine_serves_from_its_own_process_too(spec):
     from model_store.loader import load_model
-    from tasks.sequential import SequentialEngine
+    from tasks.engine.sequential import SequentialEngine
 
     process = EngineProcess(spec, EngineOptions(kind="sequential", torch_threads=1))
     here = SequentialEngine(load_model(spec))
@@ -142,7 +143,8 @@ def test_the_engine_process_dies_with_its_worker(tmp_path):
     worker = subprocess.Popen([sys.executable, "-c", f"""
 import time
 from model_store.registry import load_registry
-from tasks.engine_process import EngineOptions, EngineProcess
+from tasks.engine.factory import EngineOptions
+from tasks.engine.process import EngineProcess
 engine = EngineProcess(load_registry({str(MODELS_FILE)!r}).get({DEMO_MODEL!r}),
                        EngineOptions(torch_threads=1))
 open({str(pid_file)!r}, "w").write(str(engine.pid))

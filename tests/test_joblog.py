@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from conftest import wait_until
-from tasks.contract import (DoneEvent, FinishReason, Job, JobState, SamplingParams, StatusEvent,
+from tasks.jobs.contract import (DoneEvent, FinishReason, Job, JobState, SamplingParams, StatusEvent,
                             TokenEvent, Usage)
-from tasks.feed import JobFeed, JobNotFound, StreamIdle, follow
-from tasks.joblog import (CancelListener, EventWriteFailed, EventWriter, JobStore,
+from tasks.jobs.feed import JobFeed, JobNotFound, StreamIdle, follow
+from tasks.jobs.log import (CancelListener, EventWriteFailed, EventWriter, JobStore,
                           wake_channel)
 
 PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0)
@@ -25,7 +25,7 @@ def store(redis_client) -> JobStore:
 
 @pytest.fixture()
 def feed(stack) -> Iterator[JobFeed]:
-    """A feed on a client of its own, closed after the test (as tasks/feed.py asks)."""
+    """A feed on a client of its own, closed after the test (as tasks/jobs/feed.py asks)."""
     opened = JobFeed(redis.Redis.from_url(stack.settings.redis_url))
     yield opened
     opened.close()

@@ -7,10 +7,10 @@ import pytest
 import redis
 
 from conftest import DEMO_MODEL
-from tasks.contract import (DoneEvent, FinishReason, Job, JobState, JobView, SamplingParams,
+from tasks.jobs.contract import (DoneEvent, FinishReason, Job, JobState, JobView, SamplingParams,
                             StatusEvent, TokenEvent, Usage)
-from tasks.joblog import JobStore
-from tasks.leases import LEASES_KEY, LeaseBook, LeaseKeeper, Reaper
+from tasks.jobs.log import JobStore
+from tasks.jobs.leases import LEASES_KEY, LeaseBook, LeaseKeeper, Reaper
 
 PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0)
 

@@ -1,12 +1,12 @@
-"""tasks/metrics.py without a stack: in-flight counts, the engine-stats hook and job outcomes."""
+"""tasks/worker/metrics.py without a stack: in-flight counts, the engine-stats hook and job outcomes."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 from prometheus_client import REGISTRY
 
-from tasks import metrics
-from tasks.contract import ErrorBody, ErrorEvent, Job, SamplingParams
+from tasks.worker import metrics
+from tasks.jobs.contract import ErrorBody, ErrorEvent, Job, SamplingParams
 
 
 def _values(collector) -> dict[str, float]:

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from conftest import DEMO_MODEL
-from tasks.contract import ErrorBody, ErrorEvent
-from tasks.joblog import JobStore
+from tasks.jobs.contract import ErrorBody, ErrorEvent
+from tasks.jobs.log import JobStore
 
 CHAT = [{"role": "user", "content": "Hello, what should I cook today?"}]
 GREEDY = {"temperature": 0.0}

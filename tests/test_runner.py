@@ -11,10 +11,10 @@ import redis
 from conftest import MODELS_FILE
 from model_store.registry import load_registry
 from model_store.tokenizer import ChatTokenizer
-from tasks.contract import Job, SamplingParams
-from tasks.engine import StepSink, TokenStep
-from tasks.joblog import CancelListener, JobStore
-from tasks.runner import JobRunner
+from tasks.jobs.contract import Job, SamplingParams
+from tasks.engine.interface import StepSink, TokenStep
+from tasks.jobs.log import CancelListener, JobStore
+from tasks.worker.runner import JobRunner
 
 
 class FailingEngine:

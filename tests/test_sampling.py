@@ -6,8 +6,8 @@ import torch
 from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from tasks.contract import SamplingParams
-from tasks.sampling import Sampler, _repetition_penalty, sample_batch
+from tasks.jobs.contract import SamplingParams
+from tasks.engine.sampling import Sampler, _repetition_penalty, sample_batch
 
 VOCAB = 512
 CPU = torch.device("cpu")

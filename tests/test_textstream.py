@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.textstream import IncrementalDecoder, StopMatcher
+from tasks.worker.textstream import IncrementalDecoder, StopMatcher
 
 
 def _feed_all(stops: list[str], chunks: list[str]) -> tuple[str, bool]:

@@ -15,8 +15,8 @@ import websocket
 from conftest import ARTIFACTS, DEMO_MODEL, MODELS_FILE, stream_events, submit, token_text
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
-from tasks.celery_app import GENERATE_TASK, create_celery
-from tasks.leases import LEASES_KEY
+from tasks.worker.app import GENERATE_TASK, create_celery
+from tasks.jobs.leases import LEASES_KEY
 
 LONG = {"prompt": "Once upon a time", "min_new_tokens": 500, "max_new_tokens": 500,
         "temperature": 0.0}

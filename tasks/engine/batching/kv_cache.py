@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from tasks.packed import PackedStep
+from tasks.engine.batching.packed import PackedStep
 
 MIN_ROWS, MIN_COLUMNS = 8, 64  # the first buffers' size; they double from there
 
@@ -94,7 +94,7 @@ class KVBatch:
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
         """Store a decode step's keys and values (rows, heads, 1, dim) at column `end`; return the
         layer's window with them. In a packed step they come as (1, heads, tokens, dim), the
-        rows' first: the prompts' rest goes to the step (tasks/packed.py)."""
+        rows' first: the prompts' rest goes to the step (tasks/engine/batching/packed.py)."""
         if self.packed is not None:
             self.packed.hold(layer, keys[:, :, self.rows:], values[:, :, self.rows:])
             keys = keys[0, :, :self.rows].transpose(0, 1).unsqueeze(2)

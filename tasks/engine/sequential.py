@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import torch
 
 from model_store.loader import LoadedModel
-from tasks.contract import SamplingParams
-from tasks.engine import CANCELLED_STEP, StepSink, TokenStep, drive, step_for
-from tasks.metrics import EngineStats
-from tasks.sampling import Sampler
+from tasks.jobs.contract import SamplingParams
+from tasks.engine.interface import CANCELLED_STEP, StepSink, TokenStep, drive, step_for
+from tasks.engine.interface import EngineStats
+from tasks.engine.sampling import Sampler
 
 
 class SequentialEngine:

@@ -9,12 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from model_store.tokenizer import ChatTokenizer
-from tasks.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
+from tasks.jobs.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
                             StatusEvent, TokenEvent, Usage)
-from tasks.engine import Engine, TokenStep
-from tasks.joblog import CancelListener, EventWriter, JobStore
-from tasks.metrics import in_flight, observe_job
-from tasks.textstream import IncrementalDecoder, StopMatcher
+from tasks.engine.interface import Engine, TokenStep
+from tasks.jobs.log import CancelListener, EventWriter, JobStore
+from tasks.worker.metrics import in_flight, observe_job
+from tasks.worker.textstream import IncrementalDecoder, StopMatcher
 
 logger = logging.getLogger(__name__)
 

@@ -9,14 +9,25 @@ No torch here: a worker whose engine runs in its own process never imports it.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Protocol
 
-from tasks.contract import FinishReason, SamplingParams
-from tasks.metrics import EngineStats
+from tasks.jobs.contract import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What a batching engine can report at scrape time (the hook; see the module docstring)."""
+
+    batch_size: int
+    waiting: int | None = None  # requests the engine holds but has not scheduled
+    kv_cache_usage: float | None = None  # fraction of KV-cache blocks in use, 0..1
+    # bytes allocated on each visible GPU, when the engine runs in a process of its own
+    gpu_memory_bytes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,3 +107,11 @@ def step_for(token: int, produced: int, params: SamplingParams,
         return TokenStep(None, FinishReason.STOP)
     at_limit = produced == params.max_new_tokens
     return TokenStep(token, FinishReason.LENGTH if at_limit else None)
+
+
+def cuda_memory_allocated() -> tuple[int, ...]:
+    """Bytes torch has allocated on each visible GPU of this process; () without CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return ()
+    return tuple(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))

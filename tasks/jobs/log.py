@@ -3,7 +3,7 @@
 Each job has a hash (`dawet:job:{id}`, holding the job and the last sequence number) and a
 Stream (`dawet:job:{id}:log`) whose entry ids are `<seq>-0`, so "replay after seq N" is a
 plain XRANGE. Appends also PUBLISH "<seq> <event>" on `dawet:wake:<id>`, which followers
-take live (tasks/feed.py).
+take live (tasks/jobs/feed.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from tasks.contract import TERMINAL_TYPES, Event, Job
+from tasks.jobs.contract import TERMINAL_TYPES, Event, Job
 
 logger = logging.getLogger(__name__)
 

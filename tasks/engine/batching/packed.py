@@ -9,7 +9,7 @@ tokens first (one each), then each joining prompt's tokens, every token with its
 id. Norms, MLPs and projections work per token and take the packed sequence as it is; only
 attention needs the parts apart: each row's token attends to its cache window (as in a plain
 decode step), each prompt causally to itself. `packed_attention` does that, and the batch's
-cache (tasks/kvcache.py) writes the rows' new column and keeps the prompts' keys and values
+cache (tasks/engine/batching/kv_cache.py) writes the rows' new column and keeps the prompts' keys and values
 here, for the prompts that go on to join the batch.
 """
 from __future__ import annotations

@@ -11,18 +11,17 @@ Without the hook the batch size is the number of jobs decoding and KV-cache use 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 
-from tasks.contract import DoneEvent, ErrorEvent, Job
+from tasks.engine.interface import EngineStats, cuda_memory_allocated
+from tasks.jobs.contract import DoneEvent, ErrorEvent, Job
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +48,6 @@ WORKER_UP = Gauge("dawet_worker_up", "1 while the worker serves its model.", ["m
 LAST_HEARTBEAT = Gauge("dawet_worker_last_heartbeat_timestamp_seconds",
                        "Unix time of the worker's latest liveness record.", ["model", "worker"])
 BUILD = Info("dawet_build", "Dawet version, inference backend and device of this worker.")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What a batching engine can report at scrape time (the hook; see the module docstring)."""
-
-    batch_size: int
-    waiting: int | None = None  # requests the engine holds but has not scheduled
-    kv_cache_usage: float | None = None  # fraction of KV-cache blocks in use, 0..1
-    # bytes allocated on each visible GPU, when the engine runs in a process of its own
-    gpu_memory_bytes: tuple[int, ...] | None = None
 
 
 class InFlight:
@@ -162,14 +150,6 @@ def _gauge(name: str, documentation: str, model: str, value: float) -> GaugeMetr
     family = GaugeMetricFamily(name, documentation, labels=["model"])
     family.add_metric([model], value)
     return family
-
-
-def cuda_memory_allocated() -> tuple[int, ...]:
-    """Bytes torch has allocated on each visible GPU of this process; () without CUDA."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return ()
-    return tuple(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
 
 
 def gpu_memory(allocated: tuple[int, ...] | None = None) -> Iterator[GaugeMetricFamily]:

@@ -3,7 +3,7 @@
 A Celery bootstep does it, because the threads pool (which we use, so that many jobs share
 one model) sends no worker_process_init. The step starts before the consumer, so no task
 arrives before the model is ready. By default the engine and the model live in a child
-process (tasks/engine_process.py) and this process never imports torch. Use the threads or
+process (tasks/engine/process.py) and this process never imports torch. Use the threads or
 solo pool: prefork would fork one process per job slot, each wanting a model.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ from dawet.heap import freeze_startup_heap
 from dawet.settings import get_settings, pin_gpu
 from model_store.registry import ModelSpec, load_registry
 from model_store.tokenizer import ChatTokenizer
-from tasks.brokerfix import tolerate_detached_channels
-from tasks.engine_process import (GIL_SWITCH_SECONDS, EngineInfo, engine_options,
-                                  start_engine)
-from tasks.guard import build_guard
-from tasks.metrics import heartbeat_marked, report_engine_stats, start_worker_metrics
-from tasks.workers import Heartbeat, WorkerRegistry
+from tasks.worker.brokerfix import tolerate_detached_channels
+from tasks.engine.factory import EngineInfo, engine_options, start_engine
+from tasks.engine.process import GIL_SWITCH_SECONDS
+from tasks.worker.guard import build_guard
+from tasks.worker.metrics import heartbeat_marked, report_engine_stats, start_worker_metrics
+from tasks.jobs.workers import Heartbeat, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,10 @@ EXIT_ENGINE_LOST = 70  # EX_SOFTWARE: the worker exits with it when its engine p
 @dataclass
 class WorkerRuntime:
     spec: ModelSpec
-    runner: object  # tasks.runner.JobRunner
-    engine: object  # tasks.engine.Engine
+    runner: object  # tasks.worker.runner.JobRunner
+    engine: object  # tasks.engine.interface.Engine
     started_at: float
-    guard: object = None  # tasks.guard.JobGuard: leases and deadlines around the runner
+    guard: object = None  # tasks.worker.guard.JobGuard: leases and deadlines around the runner
 
 
 _runtime: WorkerRuntime | None = None
@@ -104,13 +104,13 @@ def _close_engine(**_) -> None:
 
 def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
     """Start the engine (it loads the model) and wire job store, cancel listener and runner."""
-    from tasks.joblog import CancelListener, JobStore
-    from tasks.runner import JobRunner
+    from tasks.jobs.log import CancelListener, JobStore
+    from tasks.worker.runner import JobRunner
 
     settings = get_settings()
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     split = settings.engine_cpu_split() if settings.engine_process else None
-    options = engine_options(settings, split[0] if split else frozenset())
+    options = engine_options(settings, spec, split[0] if split else frozenset())
     engine, info = start_engine(spec, options, settings.engine_process, on_lost=_exit_with_engine)
     if split:
         pin_process(split[1])  # the engine process has its CPUs; this one keeps off them

@@ -1,9 +1,9 @@
 """The generate task: a thin shell around the worker's JobRunner."""
 from __future__ import annotations
 
-from tasks.celery_app import GENERATE_TASK, app
-from tasks.contract import Job
-from tasks.worker import current_runtime
+from tasks.worker.app import GENERATE_TASK, app
+from tasks.jobs.contract import Job
+from tasks.worker.bootstep import current_runtime
 
 
 @app.task(name=GENERATE_TASK)

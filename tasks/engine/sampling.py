@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tasks.contract import SamplingParams
+from tasks.jobs.contract import SamplingParams
 
 
 class Sampler:

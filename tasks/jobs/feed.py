@@ -1,6 +1,6 @@
 """Follow a job's events live: replay its log, then take each event as it is published.
 
-An append PUBLISHes the event itself on `dawet:wake:<id>` (tasks/joblog.py), and each process
+An append PUBLISHes the event itself on `dawet:wake:<id>` (tasks/jobs/log.py), and each process
 holds one pub/sub connection, subscribed only to the jobs it relays right now. So a follower
 usually takes events straight from the message, with no read, and a process never hears the
 jobs of others. Pub/sub loses the messages sent while a connection is down and those sent
@@ -20,8 +20,8 @@ from typing import Any
 
 import redis
 
-from tasks.contract import is_terminal
-from tasks.joblog import JobStore, as_text, job_of_channel, wake_channel
+from tasks.jobs.contract import is_terminal
+from tasks.jobs.log import JobStore, as_text, job_of_channel, wake_channel
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 
 import redis
 
-from tasks.contract import Job, JobState, StatusEvent, is_terminal
-from tasks.joblog import JobStore, as_text
+from tasks.jobs.contract import Job, JobState, StatusEvent, is_terminal
+from tasks.jobs.log import JobStore, as_text
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from celery import Celery
 from click import Option
 
 from dawet.settings import Settings, get_settings
-from tasks.contract import Job
+from tasks.jobs.contract import Job
 
 GENERATE_TASK = "dawet.generate"
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.25,
@@ -14,7 +14,7 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 
 
 def create_celery(settings: Settings) -> Celery:
     """Build the Celery app for these settings (the API and workers each make one)."""
-    app = Celery("dawet", broker=settings.broker_url_or_redis(), include=["tasks.generate"])
+    app = Celery("dawet", broker=settings.broker_url_or_redis(), include=["tasks.worker.generate"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -43,7 +43,7 @@ def send_job(app: Celery, job: Job, queue: str) -> None:
 
 def _add_worker_options(app: Celery) -> None:
     """`celery worker --model NAME --gpu N`: the model to serve and the GPU to pin."""
-    from tasks.worker import ModelStep  # loads no torch until the worker starts
+    from tasks.worker.bootstep import ModelStep  # loads no torch until the worker starts
 
     app.user_options["worker"].add(Option(
         ["--model"], default=None, help="Registry model to serve (default: DAWET_DEFAULT_MODEL)."))

@@ -9,9 +9,9 @@ from celery import Celery
 
 from dawet.settings import Settings
 from model_store.registry import load_registry
-from tasks.contract import DEADLINE_EXCEEDED, ErrorBody, ErrorEvent, Job
-from tasks.joblog import JobStore
-from tasks.leases import LeaseBook, LeaseKeeper, Reaper
+from tasks.jobs.contract import DEADLINE_EXCEEDED, ErrorBody, ErrorEvent, Job
+from tasks.jobs.log import JobStore
+from tasks.jobs.leases import LeaseBook, LeaseKeeper, Reaper
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class JobGuard:
 def build_guard(settings: Settings, app: Celery, client: redis.Redis, runner,
                 worker_name: str) -> JobGuard:
     """Wire leases, reaper and guard for one worker, and start its lease thread."""
-    from tasks.celery_app import send_job  # tasks.celery_app imports this module
+    from tasks.worker.app import send_job  # tasks.worker.app imports this module
 
     queues = {name: spec.queue for name, spec in
               load_registry(settings.models_file, settings.default_model).models.items()}

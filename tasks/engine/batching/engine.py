@@ -1,0 +1,238 @@
+"""Continuous batching: every running request shares one batched decode step per iteration.
+
+One loop thread owns the model. Each iteration it reads new requests (from `submit()` on any
+thread, or from the engine process's inbox, which it reads itself between iterations), drops
+cancelled rows, asks the scheduler (scheduler.py) what to admit and how, has the model runner
+(model_runner.py) prefill prompts that go apart and run ONE decode step for all rows with the
+joining prompts packed into it, samples each row with its request's own Sampler (batched,
+tasks/engine/sampling.py), hands each row's step to its request's sink, and evicts the rows that
+ended. A prompt's first token comes from the pass that read it, and its KV cache joins the
+running batch's preallocated cache (kv_cache.py). The thread blocks while idle.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from model_store.loader import LoadedModel
+from tasks.engine.batching.model_runner import ModelRunner
+from tasks.engine.batching.packed import can_pack
+from tasks.engine.batching.scheduler import (EndCallback, Request, Scheduler, prefill_groups,
+                                             split_admitted)
+from tasks.engine.interface import CANCELLED_STEP, EngineStats, StepSink, TokenStep, step_for
+from tasks.engine.sampling import Sampler, sample_batch
+from tasks.jobs.contract import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+HISTORY_STEPS = 4096  # how many recent batch sizes the engine remembers
+
+Inbox = Callable[["BatchingEngine", bool], None]  # (engine, idle): submit what arrived
+
+
+class _Sequence:
+    """A running request: its sampler, its length and the token to feed next."""
+
+    def __init__(self, request: Request, eos_ids: frozenset[int], device: torch.device):
+        self.request, self._eos_ids = request, eos_ids
+        self.sampler = Sampler(request.params, request.prompt_ids, eos_ids, device)
+        self.length = len(request.prompt_ids)  # tokens so far, the last one not yet in the cache
+        self.last_token = request.prompt_ids[-1]
+
+    def accept(self, token: int) -> TokenStep:
+        """The step for a sampled token; the sequence advances unless it ended."""
+        step = step_for(token, self.sampler.produced, self.request.params, self._eos_ids)
+        if step.token_id is not None:
+            self.last_token, self.length = step.token_id, self.length + 1
+        return step
+
+
+class BatchingEngine:
+    """Continuous batching behind the Engine interface; safe to call from many threads.
+
+    The loop thread hands each step to its request's sink itself. A sink must be quick (the
+    runner's decodes, matches stops and queues events for the writer thread): measured on CPU,
+    any hand-off to another thread cost more, each waiting for the GIL up to a switch interval
+    while the loop runs Python.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int,
+                 after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None,
+                 pack_prompts: bool = True):
+        self._runner = ModelRunner(loaded.model, loaded.device)
+        self._device = loaded.device
+        # prompts join a running batch inside its decode step, where the model allows it
+        self._pack_prompts = pack_prompts and can_pack(loaded)
+        self._eos_ids = loaded.tokenizer.eos_token_ids
+        self._scheduler = Scheduler(max_batch_size, kv_cache_tokens)
+        self._after_steps = after_steps  # called after a forward pass's steps reached sinks
+        self._inbox = inbox  # read by the loop at each iteration; it blocks there when idle
+        self._rows: list[_Sequence] = []
+        self.step_count = 0
+        self.packed_prompts = 0  # prompts that joined a decode step instead of a prefill
+        self.batch_sizes: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)  # (step, rows)
+        self._thread = threading.Thread(target=self._run, name="dawet-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._scheduler.max_batch_size
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self._scheduler.kv_cache_tokens
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop after its current iteration; requests still running are failed.
+        Its inbox may call this too (the loop's own thread then does not wait for itself)."""
+        self._scheduler.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def join(self) -> None:
+        """Wait until the engine is closed and its loop has failed what was left."""
+        self._thread.join()
+
+    @property
+    def running(self) -> int:
+        """How many sequences are in the batch now."""
+        return len(self._rows)
+
+    def stats(self) -> EngineStats:
+        """Batch size, waiting requests and the share of the KV budget the padded batch holds."""
+        held = len(self._rows) * self._runner.width
+        return EngineStats(len(self._rows), len(self._scheduler.waiting),
+                           min(held / self.kv_cache_tokens, 1.0))
+
+    def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+            sink: StepSink) -> None:
+        """Queue the request and wait until it ends; its steps go to `sink` meanwhile."""
+        ended, errors = threading.Event(), []
+
+        def on_end(error: BaseException | None) -> None:
+            errors.append(error)
+            ended.set()
+
+        self.submit(prompt_ids, params, cancel, sink, on_end)
+        ended.wait()
+        if errors[0] is not None:
+            raise errors[0]
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+               sink: StepSink, on_end: EndCallback) -> None:
+        """Queue the request without waiting: its steps go to `sink`, then `on_end(error or
+        None)` runs once, both on the loop thread. Raises if it can never fit."""
+        self._scheduler.add(Request(list(prompt_ids), params, cancel, sink, on_end))
+
+    def _run(self) -> None:
+        """The loop: take requests, drop stopped rows, admit, decode; block while idle."""
+        with torch.inference_mode():
+            while not self._scheduler.closed:
+                try:
+                    self._iterate()
+                except Exception as exc:  # the boundary: fail the batch, keep serving
+                    logger.exception("batched decode step failed")
+                    self._fail_all(exc)
+        self._fail_all(RuntimeError("the engine was closed"))
+        self._scheduler.fail_waiting(RuntimeError("the engine was closed"))
+
+    def _iterate(self) -> None:
+        self._take_requests()
+        self._evict([i for i, s in enumerate(self._rows) if s.request.stopped], CANCELLED_STEP)
+        admitted = self._scheduler.admit([s.request for s in self._rows])
+        joining, apart = split_admitted(admitted, self._pack_prompts and bool(self._rows))
+        for group in prefill_groups(apart):
+            self._prefill(group)
+            self._steps_delivered()  # first tokens go out before the decode step
+        if self._rows:
+            self._decode_step(joining)
+            self._steps_delivered()
+
+    def _steps_delivered(self) -> None:
+        if self._after_steps is not None:
+            self._after_steps()
+
+    def _take_requests(self) -> None:
+        """Read the inbox, or wait on the other threads' submissions, blocking while idle."""
+        if self._inbox is not None:
+            self._inbox(self, not self._rows and not self._scheduler.waiting)
+        else:
+            self._scheduler.wait_for_work(len(self._rows))
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Run the prompts as one batch, deliver first tokens, join those not ended."""
+        sequences = [_Sequence(r, self._eos_ids, self._device) for r in group]
+        try:
+            prefill = self._runner.prefill([r.prompt_ids for r in group])
+            tokens = sample_batch([s.sampler for s in sequences], prefill.logits)
+        except Exception as exc:  # these requests only: their runners turn it into error events
+            logger.exception("prefill failed")
+            for request in group:
+                request.deliver(exc)
+            return
+        going = [i for i, (sequence, token) in enumerate(zip(sequences, tokens))
+                 if not self._accept(sequence, token)]
+        if going:
+            self._runner.join_prefilled(prefill, going)
+            self._rows.extend(sequences[i] for i in going)
+
+    def _accept(self, sequence: _Sequence, token: int) -> bool:
+        """Deliver the step for a sampled token; return whether the sequence ended."""
+        step = sequence.accept(token)
+        sequence.request.deliver(step)
+        return step.finish is not None
+
+    def _decode_step(self, joining: list[Request]) -> None:
+        """One forward pass for every running row and the prompts joining them, then per-row
+        sampling and eviction; the joining requests that did not end take rows."""
+        self.step_count += 1
+        self.batch_sizes.append((self.step_count, len(self._rows)))
+        joiners = [_Sequence(r, self._eos_ids, self._device) for r in joining]
+        try:
+            logits, packed = self._forward(joiners)
+        except Exception:
+            if not joining:
+                raise
+            # a prompt may be what failed: prefilled apart, a failure fails its own requests
+            logger.exception("a packed decode step failed; its prompts prefill apart")
+            for group in prefill_groups(joining):
+                self._prefill(group)
+            joiners, (logits, packed) = [], self._forward([])
+        self._runner.advance()
+        self.packed_prompts += len(joiners)
+        sequences = self._rows + joiners
+        tokens = sample_batch([s.sampler for s in sequences], logits)
+        ended = [self._accept(s, token) for s, token in zip(sequences, tokens)]
+        rows = len(self._rows)
+        self._evict([i for i, done in enumerate(ended[:rows]) if done])
+        for index, (joiner, done) in enumerate(zip(joiners, ended[rows:])):
+            if not done:
+                self._runner.join_packed(packed, index)
+                self._rows.append(joiner)
+
+    def _forward(self, joiners: list[_Sequence]):
+        return self._runner.decode([s.last_token for s in self._rows],
+                                   [s.length - 1 for s in self._rows],
+                                   [s.request.prompt_ids for s in joiners])
+
+    def _evict(self, rows: list[int], final: TokenStep | None = None) -> None:
+        """Remove these rows from the batch, sending each a `final` step when given."""
+        if not rows:
+            return
+        for index in rows:
+            if final is not None:
+                self._rows[index].request.deliver(final)
+        gone = set(rows)
+        order = self._runner.keep([i for i in range(len(self._rows)) if i not in gone])
+        self._rows = [self._rows[i] for i in order]
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Hand the error to every running request and start over with an empty batch."""
+        for sequence in self._rows:
+            sequence.request.deliver(exc)
+        self._rows = []
+        self._runner.reset()
