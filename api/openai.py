@@ -140,7 +140,7 @@ def get_model(model_id: str):
 def _model_card(svc: Services, spec: ModelSpec) -> dict[str, Any]:
     """OpenAI's model object, plus whether a live worker serves it and its context length."""
     return {"id": spec.name, "object": "model", "created": svc.started_at, "owned_by": "dawet",
-            "ready": bool(svc.workers.live(spec.name)), "context_length": spec.context_length}
+            "ready": svc.workers.serves(spec.name), "context_length": spec.context_length}
 
 
 def _complete(body: OpenAIRequest, shape: type[ChatShape] | type[TextShape]):

@@ -91,7 +91,7 @@ class Services:
         prompt = request.prompt_input()
         prompt_ids = self._prompt_ids(spec, prompt)
         check_context(spec, len(prompt_ids), params, prompt.param)
-        if require_worker and not self.workers.live(spec.name):
+        if require_worker and not self.workers.serves(spec.name):
             raise APIError(503, f"no worker serves model {spec.name} right now; retry shortly",
                            "model_unavailable", "service_unavailable", param="model")
         if self.settings.log_prompts:

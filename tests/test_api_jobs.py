@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import websocket
 
 from conftest import DEMO_MODEL, stream_events, submit, token_text
+from tasks.jobs.workers import WorkerRegistry
 from tasks.worker.app import create_celery, send_job
 from tasks.jobs.contract import Job, JobState, SamplingParams, StatusEvent
 from tasks.jobs.log import JobStore
@@ -141,5 +142,4 @@ def test_health_and_readiness(api):
 
 
 def _worker_records(redis_client) -> list[dict]:
-    keys = sorted(redis_client.scan_iter(match=f"dawet:worker:{DEMO_MODEL}:*"))
-    return [json.loads(redis_client.get(key)) for key in keys]
+    return sorted(WorkerRegistry(redis_client, 1.0).live(DEMO_MODEL), key=lambda r: r["worker"])

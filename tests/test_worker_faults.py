@@ -17,6 +17,7 @@ from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 from tasks.worker.app import GENERATE_TASK, create_celery
 from tasks.jobs.leases import LEASES_KEY
+from tasks.jobs.workers import WorkerRegistry
 
 LONG = {"prompt": "Once upon a time", "min_new_tokens": 500, "max_new_tokens": 500,
         "temperature": 0.0}
@@ -54,7 +55,7 @@ def _two_live_workers(pair: Stack, pair_redis: redis.Redis) -> None:
     while sum(c.name.startswith("worker") and c.alive() for c in pair.children) < 2:
         pair.add_worker(DEMO_MODEL)
     deadline = time.monotonic() + 120
-    while len(list(pair_redis.scan_iter(match=f"dawet:worker:{DEMO_MODEL}:*"))) < 2:
+    while len(WorkerRegistry(pair_redis, 1.0).live(DEMO_MODEL)) < 2:
         assert time.monotonic() < deadline, "the replacement worker did not come up"
         time.sleep(0.2)
 
