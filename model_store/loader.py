@@ -46,6 +46,9 @@ def resolve_device(spec: ModelSpec) -> torch.device:
 
 def resolve_backend(spec: ModelSpec, device: torch.device) -> Backend:
     """`auto` picks unsloth only on CUDA with unsloth installed."""
+    if spec.backend is Backend.VLLM:
+        raise ValueError(f"{spec.name} has backend = \"vllm\": vLLM's engine loads it "
+                         "(tasks/engine/vllm.py), not this loader")
     if spec.backend is not Backend.AUTO:
         return spec.backend
     if device.type == "cuda" and importlib.util.find_spec("unsloth") is not None:

@@ -12,6 +12,7 @@ class Backend(str, Enum):
     AUTO = "auto"
     TRANSFORMERS = "transformers"
     UNSLOTH = "unsloth"
+    VLLM = "vllm"  # vLLM's engine (tasks/engine/vllm.py), not loaded by this module
 
 
 class Quantization(str, Enum):

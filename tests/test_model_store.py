@@ -29,7 +29,7 @@ def test_the_registry_resolves_local_paths_and_keeps_hub_ids(registry, tmp_path)
 @pytest.mark.parametrize("entry,message", [
     ({"name": "bad name!", "path": "."}, "name"),
     ({"name": "m", "path": ".", "quantization": "3bit"}, "quantization"),
-    ({"name": "m", "path": ".", "backend": "vllm"}, "backend"),
+    ({"name": "m", "path": ".", "backend": "tensorrt"}, "backend"),
     ({"name": "m", "path": ".", "max_new_tokens_limit": 8}, "max_new_tokens_limit"),
     ({"name": "m", "path": ".", "unknown": 1}, "unknown"),
 ])

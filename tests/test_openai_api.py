@@ -209,8 +209,8 @@ def test_a_cancelled_job_ends_its_stream_with_stop(client, api):
 
 def test_models_list_the_registry_and_which_are_served(client):
     models = {m.id: m for m in client.models.list()}
-    assert list(models) == ["dawet-demo", "dawet-tiny", "dawet-bench-4m"]
-    assert [m.model_extra["ready"] for m in models.values()] == [True, False, False]
+    assert list(models) == ["dawet-demo", "dawet-tiny", "dawet-bench-4m", "dawet-demo-vllm"]
+    assert [m.model_extra["ready"] for m in models.values()] == [True, False, False, False]
     assert client.models.retrieve("dawet-tiny").owned_by == "dawet"
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("no-such-model")

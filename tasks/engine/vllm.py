@@ -1,0 +1,330 @@
+"""The `vllm` backend: vLLM's engine behind our Engine interface, in the worker's engine process.
+
+vLLM's in-process engine (v1 LLMEngine) is loaded once per engine process and driven by one
+loop thread, as our batching engine is: each iteration reads the pipe's inbox (blocking while
+idle), adds new requests as token ids with their own sampling parameters, aborts the stopped
+ones, runs one `step()` and hands each request's new token ids to its sink. vLLM's engine core
+runs inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): our engine process already plays
+the part of vLLM's core process beside the worker, which is vLLM's front end here (it detokenizes,
+matches stops and streams). A core in a grandchild process outlived a killed engine process
+(vLLM does not watch its parent), holding the model's memory; in here it dies with it.
+
+What stays ours: the prompt (rendered and tokenized by the API), detokenizing and stop strings
+(the worker's runner holds a stop sequence back across chunks and asks for the stop, which
+becomes an abort here), and how a step ends (tasks.engine.interface.step_for). vLLM stops on
+the model's end-of-sequence ids, which we pass as stop_token_ids, so `min_new_tokens` holds
+them back there too.
+
+If this process dies, the worker sees its engine process gone and exits, and the jobs' leases
+lapse so they run elsewhere. A step that raises fails the requests in it; serving goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_store.registry import ModelSpec, Quantization
+from model_store.tokenizer import ChatTokenizer
+from tasks.engine.factory import EngineInfo, EngineOptions
+from tasks.engine.interface import CANCELLED_STEP, EngineStats, StepSink, TokenStep, step_for
+from tasks.jobs.contract import FinishReason, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+LORA_ID = 1  # vLLM names an adapter by a positive integer; a worker serves one adapter
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+GIB = 1 << 30
+FINISHES = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
+            "abort": FinishReason.CANCELLED}
+
+EndCallback = Callable[[BaseException | None], None]
+Inbox = Callable[["VllmEngine", bool], None]
+
+
+class UnsupportedByVllm(ValueError):
+    """The registry entry asks for something the vllm backend cannot do on this host."""
+
+
+@dataclass(eq=False)
+class _Run:
+    """A request in vLLM, the sink its steps go to, and what to call when it ends."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    cancel: threading.Event
+    sink: StepSink
+    on_end: EndCallback
+    produced: int = 0
+    ended: bool = False
+
+    def deliver(self, item: TokenStep | BaseException) -> None:
+        """Hand a step to the sink, or end with an error; the first end is the only one."""
+        if self.ended:
+            return
+        error = None
+        try:
+            if isinstance(item, BaseException):
+                raise item
+            self.ended = bool(self.sink(item)) or item.finish is not None
+        except Exception as exc:  # a failing sink ends its own request only
+            error, self.ended = exc, True
+        if self.ended:
+            self.on_end(error)
+
+
+class _StatsTap:
+    """A vLLM stat logger that keeps the scheduler's latest numbers for our metrics."""
+
+    def __init__(self):
+        self.latest = EngineStats(0, 0, 0.0)
+
+    def __call__(self, vllm_config, engine_index: int = 0) -> "_StatsTap":
+        return self  # vLLM builds its per-engine loggers from factories: this one is us
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        if scheduler_stats is not None:
+            self.latest = EngineStats(scheduler_stats.num_running_reqs,
+                                      scheduler_stats.num_waiting_reqs,
+                                      scheduler_stats.kv_cache_usage)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+
+class VllmEngine:
+    """vLLM's LLMEngine behind the Engine interface; submit from any thread."""
+
+    def __init__(self, llm, tap: _StatsTap, eos_ids: frozenset[int], lora=None,
+                 after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None):
+        self._llm, self._tap, self._eos_ids, self._lora = llm, tap, eos_ids, lora
+        self._after_steps, self._inbox = after_steps, inbox
+        self._pending: deque[_Run] = deque()
+        self._runs: dict[str, _Run] = {}
+        self._ids = 0
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="dawet-vllm", daemon=True)
+        self._thread.start()
+
+    def stats(self) -> EngineStats:
+        """Running and waiting requests and KV-cache use, as vLLM's scheduler last reported."""
+        if not self._runs and not self._pending:  # its last report predates the last ends
+            return EngineStats(0, 0, self._tap.latest.kv_cache_usage)
+        return self._tap.latest
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+               sink: StepSink, on_end: EndCallback) -> None:
+        """Queue the request: its steps go to `sink`, then `on_end(error or None)` runs once,
+        both on the loop thread."""
+        with self._wakeup:
+            if self._closed:
+                raise RuntimeError("the engine was closed")
+            self._pending.append(_Run(list(prompt_ids), params, cancel, sink, on_end))
+            self._wakeup.notify()
+
+    def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+            sink: StepSink) -> None:
+        """Submit the request and wait until it ends; raises if it failed."""
+        ended, errors = threading.Event(), []
+
+        def on_end(error: BaseException | None) -> None:
+            errors.append(error)
+            ended.set()
+
+        self.submit(prompt_ids, params, cancel, sink, on_end)
+        ended.wait()
+        if errors[0] is not None:
+            raise errors[0]
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the loop after its current step, fail what is left, and stop vLLM's core."""
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._take_requests()
+            self._add_pending()
+            self._abort_stopped()
+            if self._runs:
+                self._step()
+        closed = RuntimeError("the engine was closed")
+        for run in list(self._runs.values()) + list(self._pending):
+            run.deliver(closed)
+        self._llm.engine_core.shutdown()
+
+    def _take_requests(self) -> None:
+        """Read the inbox, or wait on other threads' submissions, blocking while idle."""
+        idle = not self._runs and not self._pending
+        if self._inbox is not None:
+            self._inbox(self, idle)
+            return
+        with self._wakeup:
+            while idle and not self._pending and not self._closed:
+                self._wakeup.wait()
+
+    def _add_pending(self) -> None:
+        while self._pending:
+            run = self._pending.popleft()
+            if run.cancel.is_set():
+                run.deliver(CANCELLED_STEP)
+                continue
+            self._ids += 1
+            rid = str(self._ids)
+            try:
+                [prompt] = self._llm.renderer.render_cmpl([_tokens_prompt(run.prompt_ids)])
+                self._llm.add_request(rid, prompt, vllm_sampling_params(run.params, self._eos_ids),
+                                      lora_request=self._lora)
+            except Exception as exc:  # this request only: vLLM refused it
+                logger.exception("vLLM refused a request")
+                run.deliver(exc)
+                continue
+            self._runs[rid] = run
+
+    def _abort_stopped(self) -> None:
+        """Abort the requests that were cancelled or whose sinks asked to stop."""
+        stopped = [rid for rid, run in self._runs.items() if run.ended or run.cancel.is_set()]
+        if stopped:
+            self._llm.abort_request(stopped)
+        for rid in stopped:
+            self._runs.pop(rid).deliver(CANCELLED_STEP)
+
+    def _step(self) -> None:
+        """One vLLM step; every request's new tokens go to its sink."""
+        try:
+            outputs = self._llm.step()
+        except Exception as exc:  # the boundary: fail the step's requests, keep serving
+            logger.exception("vLLM step failed")
+            self._fail_running(exc)
+            return
+        for output in outputs:
+            run = self._runs.get(output.request_id)
+            if run is not None:
+                self._deliver(output, run)
+        if self._after_steps is not None:
+            self._after_steps()
+
+    def _deliver(self, output, run: _Run) -> None:
+        """A request's new token ids, as steps; its end when vLLM or a step ended it."""
+        completion = output.outputs[0]
+        for token in completion.token_ids:
+            run.produced += 1
+            run.deliver(step_for(token, run.produced, run.params, self._eos_ids))
+            if run.ended:
+                break
+        if output.finished:
+            self._runs.pop(output.request_id, None)
+            run.deliver(TokenStep(None, FINISHES.get(completion.finish_reason,
+                                                     FinishReason.STOP)))
+        # a request a step ended before vLLM did (a sink's stop) is aborted next iteration
+
+    def _fail_running(self, exc: Exception) -> None:
+        failed, self._runs = self._runs, {}
+        self._llm.abort_request(list(failed))
+        for run in failed.values():
+            run.deliver(exc)
+
+
+def _tokens_prompt(prompt_ids: list[int]):
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=prompt_ids)
+
+
+def vllm_sampling_params(params: SamplingParams, eos_ids: frozenset[int]):
+    """Our resolved parameters as vLLM's: token ids out (we detokenize), new tokens only."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmSamplingParams(
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty, seed=params.seed,
+        max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
+        stop_token_ids=sorted(eos_ids), detokenize=False,
+        output_kind=RequestOutputKind.DELTA)
+
+
+def vllm_engine_args(spec: ModelSpec, options: EngineOptions, cuda: bool):
+    """vLLM's EngineArgs for a registry model and the worker's engine options."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    extra = {}
+    if spec.adapter:
+        extra.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank(spec.adapter))
+    if spec.quantization is not Quantization.NONE:
+        extra.update(quantization=_quantization(spec, cuda))
+    # `auto` means what it means for our loader: fp32 on CPU (vLLM's own auto is bf16 there)
+    dtype = "float32" if spec.dtype == "auto" and not cuda else spec.dtype
+    return EngineArgs(
+        model=spec.path, tokenizer=spec.path, dtype=dtype,
+        max_model_len=spec.context_length, max_num_seqs=options.max_batch_size,
+        enable_prefix_caching=True, generation_config="vllm",  # defaults come from our registry
+        disable_log_stats=False, seed=0, **extra)
+
+
+def _quantization(spec: ModelSpec, cuda: bool) -> str:
+    """vLLM's bitsandbytes support: 4-bit in flight on CUDA; nothing else maps."""
+    if not cuda:
+        raise UnsupportedByVllm(f"{spec.name}: quantization = {spec.quantization.value!r} needs "
+                                "bitsandbytes on CUDA, and this host has no GPU")
+    if spec.quantization is Quantization.INT8:
+        raise UnsupportedByVllm(f"{spec.name}: vLLM quantizes with bitsandbytes in flight to "
+                                "4-bit only; use quantization = \"4bit\", a pre-quantized "
+                                "checkpoint, or backend = \"transformers\" for 8-bit")
+    return "bitsandbytes"
+
+
+def _lora_rank(adapter: str) -> int:
+    """The smallest rank vLLM accepts that holds the adapter's."""
+    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+    return next(r for r in LORA_RANKS if r >= rank)
+
+
+def _configure_cpu_backend(spec: ModelSpec, options: EngineOptions) -> None:
+    """vLLM's CPU backend reads its KV space (GiB) and its threads from the environment: size
+    the space from our KV budget, and run as many threads as the engine has CPUs (with its core
+    in this process vLLM binds nothing, and it runs one thread unless OMP_NUM_THREADS says)."""
+    config = json.loads((Path(spec.path) / "config.json").read_text())
+    heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    per_token = 2 * config["num_hidden_layers"] * heads * head_dim * 4  # keys and values, fp32
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE",
+                          str(max(1, -(-options.kv_cache_tokens * per_token // GIB))))
+    threads = options.torch_threads or len(options.cpus) or len(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def start_vllm_engine(spec: ModelSpec, options: EngineOptions, after_steps=None, inbox=None):
+    """Load the model into vLLM's engine: (VllmEngine, EngineInfo)."""
+    import torch
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the core in this process: see above
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        _configure_cpu_backend(spec, options)
+    args = vllm_engine_args(spec, options, cuda)
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    started, tap = time.perf_counter(), _StatsTap()
+    llm = LLMEngine.from_engine_args(args, stat_loggers=[tap])
+    lora = LoRARequest(spec.name, LORA_ID, spec.adapter) if spec.adapter else None
+    info = EngineInfo("vllm", "cuda" if cuda else "cpu", time.perf_counter() - started, 1)
+    eos_ids = ChatTokenizer(spec.path).eos_token_ids
+    return VllmEngine(llm, tap, eos_ids, lora, after_steps, inbox), info

