@@ -1,4 +1,7 @@
-"""Build the offline demo models: dawet-tiny, its Indonesian LoRA adapter and dawet-bench-4m."""
+"""Build the offline demo models: dawet-tiny, its Indonesian LoRA adapter and dawet-bench-4m.
+
+On request only (--bench-135m), dawet-bench-135m: a random-weight model of SmolLM2-135M's shape.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ ARITHMETIC = "arithmetic.json"
 TINY_NAME = "dawet-tiny"
 LORA_NAME = "dawet-tiny-lora"
 BENCH_NAME = "dawet-bench-4m"
+BENCH_135M_NAME = "dawet-bench-135m"  # built only on request: about 430 MB
 INFO_NAME = "BUILD_INFO.json"
 WORKDIR_INFIX = ".build-"  # temporary sibling of the output: .<out name>.build-<random>
 
@@ -75,6 +80,17 @@ BENCH_SHAPE = {
     "num_key_value_heads": 4,
     "intermediate_size": 512,
     "tie_word_embeddings": False,  # separate lm_head: about 3.7M parameters in all
+}
+# SmolLM2-135M's shape with this tokenizer's vocabulary: about 107M parameters in all.
+BENCH_135M_SHAPE = {
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "intermediate_size": 1536,
+    "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
 }
 LORA_RANK = 8
 LORA_ALPHA = 16
@@ -357,10 +373,12 @@ def build_lora(base: LlamaForCausalLM, tok: PreTrainedTokenizerFast, workdir: Pa
     return {"trainable_params": param_count(model, trainable_only=True), **info}
 
 
-def build_bench(tok: PreTrainedTokenizerFast, workdir: Path) -> dict[str, Any]:
-    """Save the untrained, seeded benchmark model."""
-    model = new_model(tok, BENCH_SHAPE)
-    save_model(model, tok, workdir / BENCH_NAME)
+def build_bench(
+    tok: PreTrainedTokenizerFast, workdir: Path, name: str = BENCH_NAME, shape: dict[str, Any] = BENCH_SHAPE
+) -> dict[str, Any]:
+    """Save an untrained, seeded benchmark model."""
+    model = new_model(tok, shape)
+    save_model(model, tok, workdir / name)
     return {"params": param_count(model)}
 
 
@@ -415,21 +433,28 @@ def build_into(workdir: Path) -> dict[str, Any]:
     return info
 
 
-def build(out: Path, force: bool = False) -> bool:
-    """Build the demo models into out unless they are current; return whether it built."""
-    if not force and is_up_to_date(out):
-        logger.info("%s already holds a %s build; nothing to do (use --force to rebuild)", out, BUILDER_VERSION)
-        return False
+@contextmanager
+def build_workdir(out: Path) -> Iterator[Path]:
+    """Set up torch for a build and yield a fresh temporary sibling of out, removed afterwards."""
     torch.set_num_threads(NUM_THREADS)
     transformers.utils.logging.disable_progress_bar()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_workdirs(out)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}{WORKDIR_INFIX}", dir=out.parent))
     try:
-        info = build_into(workdir)
-        publish(workdir, out)
+        yield workdir
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def build(out: Path, force: bool = False) -> bool:
+    """Build the demo models into out unless they are current; return whether it built."""
+    if not force and is_up_to_date(out):
+        logger.info("%s already holds a %s build; nothing to do (use --force to rebuild)", out, BUILDER_VERSION)
+        return False
+    with build_workdir(out) as workdir:
+        info = build_into(workdir)
+        publish(workdir, out)
     models = info["models"]
     logger.info(
         "built %s in %.1f s: %s loss %.3f, %s loss %.3f, %s %d params",
@@ -439,11 +464,29 @@ def build(out: Path, force: bool = False) -> bool:
     return True
 
 
+def build_bench_135m(out: Path, force: bool = False) -> bool:
+    """Build dawet-bench-135m into out unless it is there; return whether it built. The demo
+    build never touches it; its tokenizer is the demo one (the trained BPE is deterministic)."""
+    target = out / BENCH_135M_NAME
+    if not force and target.exists():
+        logger.info("%s exists; nothing to do (use --force to rebuild)", target)
+        return False
+    with build_workdir(out) as workdir:
+        info = build_bench(wrap_tokenizer(train_tokenizer()), workdir, BENCH_135M_NAME, BENCH_135M_SHAPE)
+        if target.exists():
+            target.rename(workdir / f"old-{BENCH_135M_NAME}")
+        (workdir / BENCH_135M_NAME).rename(target)
+    logger.info("built %s: %d params", target, info["params"])
+    return True
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(prog="python -m model_store.demo", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="output directory for the demo models")
     parser.add_argument("--force", action="store_true", help="rebuild even if the output is current")
+    parser.add_argument("--bench-135m", action="store_true",
+                        help=f"build only {BENCH_135M_NAME} (about 430 MB), into OUT/{BENCH_135M_NAME}")
     return parser.parse_args(argv)
 
 
@@ -451,5 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    build(args.out.resolve(), force=args.force)
+    if args.bench_135m:
+        build_bench_135m(args.out.resolve(), force=args.force)
+    else:
+        build(args.out.resolve(), force=args.force)
     return 0
