@@ -1,5 +1,5 @@
 # `make run` serves the demo model, `make test` runs the tests, `make bench` benchmarks the
-# pipeline (BENCH_ARGS=--quick for a smoke run).
+# pipeline (BENCH_ARGS=--quick for a smoke run; BENCH_ARGS='--backend vllm' for the vllm backend).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -43,8 +43,15 @@ run: demo-model
 test: install-vllm demo-model
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: demo-model
+# BENCH_ARGS='--backend vllm' compares the vllm backend with vLLM's own server on bench-model.
+bench: demo-model install-vllm bench-model
 	HF_HUB_OFFLINE=1 $(PY) -m bench $(BENCH_ARGS)
+
+# A random-weight model of SmolLM2-135M's shape (about 430 MB), for benchmarks only.
+bench-model: $(MODELS_DIR)/dawet-bench-135m/config.json
+
+$(MODELS_DIR)/dawet-bench-135m/config.json: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m model_store.demo --out $(MODELS_DIR) --bench-135m
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

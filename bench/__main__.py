@@ -1,6 +1,10 @@
-"""`python -m bench`: run the pipeline benchmark."""
+"""`python -m bench`: benchmark the pipeline on our engine, or with `--backend vllm` Dawet's
+vllm backend against vLLM's own server (bench/backends.py)."""
 import sys
 
-from bench.pipeline import main
+if "--backend" in sys.argv[1:]:
+    from bench.backends import main
+else:
+    from bench.pipeline import main
 
 sys.exit(main())

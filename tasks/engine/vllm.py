@@ -296,16 +296,21 @@ def _lora_rank(adapter: str) -> int:
     return next(r for r in LORA_RANKS if r >= rank)
 
 
+def cpu_kv_cache_gib(model_dir: str | Path, tokens: int) -> int:
+    """Whole GiB (at least 1) that fp32 keys and values of `tokens` tokens take in this model."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    per_token = 2 * config["num_hidden_layers"] * heads * head_dim * 4
+    return max(1, -(-tokens * per_token // GIB))
+
+
 def _configure_cpu_backend(spec: ModelSpec, options: EngineOptions) -> None:
     """vLLM's CPU backend reads its KV space (GiB) and its threads from the environment: size
     the space from our KV budget, and run as many threads as the engine has CPUs (with its core
     in this process vLLM binds nothing, and it runs one thread unless OMP_NUM_THREADS says)."""
-    config = json.loads((Path(spec.path) / "config.json").read_text())
-    heads = config.get("num_key_value_heads", config["num_attention_heads"])
-    head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    per_token = 2 * config["num_hidden_layers"] * heads * head_dim * 4  # keys and values, fp32
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE",
-                          str(max(1, -(-options.kv_cache_tokens * per_token // GIB))))
+                          str(cpu_kv_cache_gib(spec.path, options.kv_cache_tokens)))
     threads = options.torch_threads or len(options.cpus) or len(os.sched_getaffinity(0))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
