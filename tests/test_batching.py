@@ -317,3 +317,82 @@ def test_a_stop_sequence_split_across_tokens_is_never_streamed(redis_client, eng
     streamed = "".join(_texts(events))
     assert streamed == full[:full.index(stop)]
     assert stop not in streamed and events[-1]["finish_reason"] == "stop_sequence"
+
+
+class _PoisonRow:
+    """A forward hook that, at the `at`-th decode step, turns one row's logits to NaN."""
+
+    def __init__(self, model, row: int, at: int):
+        self.row, self.at, self.decodes, self.poisoned = row, at, 0, False
+        self._handle = model.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        if output.logits.shape[1] == 1 and output.logits.shape[0] > self.row:  # a decode step
+            self.decodes += 1
+            if self.decodes == self.at:
+                output.logits[self.row] = float("nan")
+                self.poisoned = True
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def test_a_row_with_non_finite_logits_fails_alone_and_its_batch_goes_on(engine, loaded):
+    prompts = _prompts(loaded)[:4]
+    params = [SamplingParams(max_new_tokens=20, min_new_tokens=20, temperature=0.0, top_p=1.0)
+              for _ in range(4)]
+    alone = _alone(loaded, prompts, params)
+    poison = _PoisonRow(loaded.model, row=1, at=5)
+    gate = _Gate(engine, 4)
+    results: list = [None] * 4
+
+    def run(i: int) -> None:
+        try:
+            results[i] = _tokens(iterate(gate, prompts[i], params[i]))
+        except Exception as exc:  # the failing row's error, raised by its iterator
+            results[i] = exc
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(run, range(4)))
+    finally:
+        poison.remove()
+    assert poison.poisoned
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert len(failed) == 1 and "not finite" in str(results[failed[0]])
+    assert [r for i, r in enumerate(results) if i not in failed] == \
+        [a for i, a in enumerate(alone) if i not in failed]
+
+
+def test_a_step_that_fails_after_its_forward_pass_fails_its_rows_and_joiners_and_none_hangs(
+        loaded, monkeypatch):
+    """A failure after the pass (a CUDA OOM growing the KV buffers, say) ends every request it
+    touched with the error, the prompts joining that step included, and the engine serves on."""
+    from tasks.engine.batching.model_runner import ModelRunner
+
+    prompts, params = _prompts(loaded)[:6], [_params(i, True) for i in range(6)]
+    params[0] = params[0].model_copy(update={"max_new_tokens": 40, "min_new_tokens": 40})
+    decode, advance, failed = ModelRunner.decode, ModelRunner.advance, []
+
+    def decode_noting_the_last_prompt(runner, tokens, positions, joining):
+        runner.last_joins = prompts[-1] in joining
+        return decode(runner, tokens, positions, joining)
+
+    def advance_failing_when_it_joins(runner):
+        if getattr(runner, "last_joins", False) and not failed:
+            failed.append(True)
+            raise MemoryError("out of memory growing the KV cache")
+        advance(runner)
+
+    monkeypatch.setattr(ModelRunner, "decode", decode_noting_the_last_prompt)
+    monkeypatch.setattr(ModelRunner, "advance", advance_failing_when_it_joins)
+    engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536)
+    try:
+        staggered = _Staggered(engine, prompts, params)
+        staggered.run()  # every request ends within its wait: none hangs
+        assert failed and isinstance(staggered.errors[-1], MemoryError)  # a joiner
+        assert isinstance(staggered.errors[0], MemoryError)  # a running row
+        assert all(e is None or isinstance(e, MemoryError) for e in staggered.errors)
+        after = _tokens(iterate(engine, prompts[1], params[1]))
+        assert after == _alone(loaded, [prompts[1]], [params[1]])[0]
+    finally:
+        engine.close()

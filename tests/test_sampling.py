@@ -84,3 +84,21 @@ def test_min_new_tokens_forbids_the_end_token_until_reached():
                                      top_p=1.0), [3], frozenset({2}), CPU)
     tokens = [sample_batch([sampler], logits)[0] for _ in range(3)]
     assert 2 not in tokens[:2] and tokens[2] == 2
+
+
+@pytest.mark.parametrize("broken", [float("nan"), float("inf"), "all -inf"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_row_with_non_finite_scores_gets_none_and_the_others_their_tokens(broken, greedy):
+    params = dict(temperature=0.0, top_p=1.0) if greedy else dict(temperature=0.8, top_p=0.9)
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(5))
+    clean = sample_batch([_sampler(seed=i, **params) for i in range(3)], logits.clone())
+    if broken == "all -inf":
+        logits[1] = -float("inf")
+    else:
+        logits[1, 17] = broken
+    samplers = [_sampler(seed=i, **params) for i in range(3)]
+    tokens = sample_batch(samplers, logits)
+    assert tokens[1] is None and samplers[1].produced == 0
+    assert [tokens[0], tokens[2]] == [clean[0], clean[2]]
+    with pytest.raises(ArithmeticError, match="not finite"):
+        _sampler(**params).next_token(logits[1:2])

@@ -30,8 +30,12 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def next_token(self, logits: torch.Tensor) -> int:
-        """Choose the next token from logits (1, vocab) and record it."""
-        return sample_batch([self], logits)[0]
+        """Choose the next token from logits (1, vocab) and record it; raises NonFiniteLogits
+        if they cannot be sampled."""
+        token = sample_batch([self], logits)[0]
+        if token is None:
+            raise NonFiniteLogits("the model's scores for the next token are not finite")
+        return token
 
     def seen(self, vocab_size: int) -> torch.Tensor:
         """Which vocabulary ids the prompt or the output hold so far, as a (1, vocab) mask."""
@@ -47,16 +51,36 @@ class Sampler:
             self._seen[0, token] = True
 
 
-def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
-    """Choose one token per row of logits (rows, vocab), each by its own sampler."""
-    scores = _min_new_tokens(samplers, _repetition_penalty(samplers, logits.float()))
+class NonFiniteLogits(ArithmeticError):
+    """The model gave a row NaN or infinite scores: nothing can be sampled from it."""
+
+
+def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int | None]:
+    """Choose one token per row of logits (rows, vocab), each by its own sampler; None for a
+    row whose logits are not finite (NaN, +inf, or all -inf: an fp16 overflow, say), which
+    would make no sense to sample and made the draw loop forever."""
+    scores, broken = _finite_rows(logits.float())
+    scores = _min_new_tokens(samplers, _repetition_penalty(samplers, scores))
     if all(s.greedy for s in samplers):
         tokens = scores.argmax(dim=-1).tolist()
     else:
         tokens = _draw(samplers, _temperature(samplers, scores))
-    for sampler, token in zip(samplers, tokens):
-        sampler.record(token)
+    for index, (sampler, token) in enumerate(zip(samplers, tokens)):
+        if index in broken:
+            tokens[index] = None
+        else:
+            sampler.record(token)
     return tokens
+
+
+def _finite_rows(scores: torch.Tensor) -> tuple[torch.Tensor, set[int]]:
+    """The scores with every broken row zeroed (so sampling ends), and those rows' indexes."""
+    broken = torch.isnan(scores).any(dim=-1) | torch.isposinf(scores).any(dim=-1) \
+        | torch.isneginf(scores).all(dim=-1)
+    if not bool(broken.any()):  # one host sync a step; a broken row is rare
+        return scores, set()
+    scores = torch.where(broken.unsqueeze(1), torch.zeros_like(scores), scores)
+    return scores, set(broken.nonzero().flatten().tolist())
 
 
 def _column(values: list[float], device: torch.device, dtype=torch.float32) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tasks.engine.batching.packed import can_pack
 from tasks.engine.batching.scheduler import (EndCallback, Request, Scheduler, prefill_groups,
                                              split_admitted)
 from tasks.engine.interface import CANCELLED_STEP, EngineStats, StepSink, TokenStep, step_for
-from tasks.engine.sampling import Sampler, sample_batch
+from tasks.engine.sampling import NonFiniteLogits, Sampler, sample_batch
 from tasks.jobs.contract import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class BatchingEngine:
         self._after_steps = after_steps  # called after a forward pass's steps reached sinks
         self._inbox = inbox  # read by the loop at each iteration; it blocks there when idle
         self._rows: list[_Sequence] = []
+        self._admitted: list[Request] = []
         self.step_count = 0
         self.packed_prompts = 0  # prompts that joined a decode step instead of a prefill
         self.batch_sizes: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)  # (step, rows)
@@ -134,7 +135,7 @@ class BatchingEngine:
             while not self._scheduler.closed:
                 try:
                     self._iterate()
-                except Exception as exc:  # the boundary: fail the batch, keep serving
+                except Exception as exc:  # the boundary: fail what it touched, keep serving
                     logger.exception("batched decode step failed")
                     self._fail_all(exc)
         self._fail_all(RuntimeError("the engine was closed"))
@@ -144,6 +145,7 @@ class BatchingEngine:
         self._take_requests()
         self._evict([i for i, s in enumerate(self._rows) if s.request.stopped], CANCELLED_STEP)
         admitted = self._scheduler.admit([s.request for s in self._rows])
+        self._admitted = admitted  # taken from the queue, not yet in rows: a failure fails them
         joining, apart = split_admitted(admitted, self._pack_prompts and bool(self._rows))
         for group in prefill_groups(apart):
             self._prefill(group)
@@ -180,8 +182,13 @@ class BatchingEngine:
             self._runner.join_prefilled(prefill, going)
             self._rows.extend(sequences[i] for i in going)
 
-    def _accept(self, sequence: _Sequence, token: int) -> bool:
-        """Deliver the step for a sampled token; return whether the sequence ended."""
+    def _accept(self, sequence: _Sequence, token: int | None) -> bool:
+        """Deliver the step for a sampled token; return whether the sequence ended. A row that
+        could not be sampled (None: non-finite logits) fails alone; its batch goes on."""
+        if token is None:
+            sequence.request.deliver(NonFiniteLogits("the model's scores for the next token "
+                                                     "are not finite"))
+            return True
         step = sequence.accept(token)
         sequence.request.deliver(step)
         return step.finish is not None
@@ -231,8 +238,10 @@ class BatchingEngine:
         self._rows = [self._rows[i] for i in order]
 
     def _fail_all(self, exc: Exception) -> None:
-        """Hand the error to every running request and start over with an empty batch."""
-        for sequence in self._rows:
-            sequence.request.deliver(exc)
-        self._rows = []
+        """Hand the error to every running request and to those this iteration admitted (a
+        request that already ended ignores it), and start over with an empty batch. The
+        requests still waiting run in the next iteration."""
+        for request in [s.request for s in self._rows] + self._admitted:
+            request.deliver(exc)
+        self._rows, self._admitted = [], []
         self._runner.reset()
