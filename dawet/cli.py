@@ -37,7 +37,7 @@ def run_stack(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        stack = Stack(get_settings()).start()
+        stack = Stack(get_settings(), persist_redis=True).start()
     except StartupError as exc:
         logger.error("could not start Dawet: %s", exc)
         return 1

@@ -113,10 +113,12 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def redis_argv(binary: str, port: int, data_dir: str) -> list[str]:
-    """An in-memory redis-server on 127.0.0.1 only."""
+def redis_argv(binary: str, port: int, data_dir: str, persist: bool = False) -> list[str]:
+    """A redis-server on 127.0.0.1 only: in memory, or with an append-only file in data_dir
+    (fsync every second) when `persist`."""
     return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-            "no", "--dir", data_dir, "--protected-mode", "yes"]
+            "yes" if persist else "no", "--appendfsync", "everysec", "--dir", data_dir,
+            "--protected-mode", "yes"]
 
 
 def worker_argv(model: str | None, gpu: str | None, concurrency: int, name: str,
@@ -162,8 +164,10 @@ class Stack:
     """Redis (embedded unless settings name one), workers and the API, started in order."""
 
     def __init__(self, settings: Settings, models: list[str | None] | None = None,
-                 log_dir: Path | None = None, ready_timeout: float = 180.0):
+                 log_dir: Path | None = None, ready_timeout: float = 180.0,
+                 persist_redis: bool = False):
         self.settings = settings
+        self.persist_redis = persist_redis  # the embedded Redis keeps an AOF in redis_data_dir
         self.models = models or [settings.default_model]
         self.log_dir = log_dir
         self.ready_timeout = ready_timeout
@@ -210,9 +214,14 @@ class Stack:
         if self.settings.redis_url:
             return
         port = free_port()
-        self._data_dir = tempfile.TemporaryDirectory(prefix="dawet-redis-")
-        self._spawn("redis", redis_argv(find_redis_server(), port, self._data_dir.name),
-                    cpus=self._other_cpus())
+        if self.persist_redis:
+            data_dir = Path(self.settings.redis_data_dir).resolve()
+            data_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self._data_dir = tempfile.TemporaryDirectory(prefix="dawet-redis-")
+            data_dir = Path(self._data_dir.name)
+        self._spawn("redis", redis_argv(find_redis_server(), port, str(data_dir),
+                                        self.persist_redis), cpus=self._other_cpus())
         self.settings = self.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
         wait_until(lambda: _port_open(port), 10, "redis-server", self.children)
 
