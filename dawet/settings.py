@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # Redis for job logs and pub/sub. Unset: `dawet run` starts an embedded redis-server,
     # and a bare api or worker uses redis://127.0.0.1:6379/0.
     redis_url: str | None = None
+    # Where `dawet run`'s embedded Redis keeps its append-only file, so a restart loses no job.
+    redis_data_dir: Path = Path("var/redis")
     # Celery broker; unset means the Redis above. Any kombu URL works (amqp://... for RabbitMQ).
     broker_url: str | None = None
     # The model registry (TOML); paths in it that start with "." are relative to the file.
@@ -79,6 +81,14 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(6.0, gt=0)
     # How often a worker renews its jobs' leases and looks for lapsed ones.
     lease_refresh_seconds: float = Field(1.0, gt=0)
+    # A worker whose engine holds work and sends nothing for this long exits, so its jobs run
+    # again elsewhere. Long enough for the longest prefill on the slowest host.
+    engine_stall_seconds: float = Field(300.0, gt=0)
+    # How long a worker retries (with backoff) a job's writes while Redis is unreachable or
+    # stalled, before it hands the job back to run again.
+    redis_retry_seconds: float = Field(30.0, ge=0)
+    # Attempts a job gets: after this many lost workers it ends with error worker_lost.
+    max_attempts: int = Field(3, ge=1)
 
     # How long job records and event logs stay in Redis.
     job_ttl_seconds: int = Field(86_400, ge=60)

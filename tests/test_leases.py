@@ -9,7 +9,7 @@ import redis
 from conftest import DEMO_MODEL
 from tasks.jobs.contract import (DoneEvent, FinishReason, Job, JobState, JobView, SamplingParams,
                             StatusEvent, TokenEvent, Usage)
-from tasks.jobs.log import JobStore
+from tasks.jobs.log import EventWriter, JobStore, StaleAttempt
 from tasks.jobs.leases import LEASES_KEY, LeaseBook, LeaseKeeper, Reaper
 
 PARAMS = SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0)
@@ -92,10 +92,84 @@ def test_the_keeper_renews_held_leases_so_they_do_not_lapse(redis_client, store)
     keeper = LeaseKeeper(book, Reaper(book, store, lambda j: sent.append(j.id)), 0.1)
     keeper.start()
     try:
-        with keeper.hold(job.id) as held:
-            assert held
+        with keeper.hold(job.id) as fence:
+            assert fence == 1
             time.sleep(1.2)
             assert not LeaseBook(redis_client, "other", 0.5).claim(job.id)
     finally:
         keeper.stop()
     assert sent == [] and redis_client.zscore(LEASES_KEY, job.id) is None
+
+
+def test_a_reaped_attempt_is_fenced_out_and_nothing_is_written_after_the_end(redis_client,
+                                                                            store):
+    job = _queued_job(store)
+    stale = LeaseBook(redis_client, "frozen", 0.1)
+    first = stale.claim(job.id)
+    assert store.start(job.id, StatusEvent(JobState.STARTED, "frozen"), first).fenced is False
+    assert store.append(job.id, TokenEvent("old "), first) is not None
+    time.sleep(0.2)
+    Reaper(LeaseBook(redis_client, "reaper", 1), store, lambda j: None).reap()
+    assert store.append(job.id, TokenEvent("stale"), first) is None  # fenced at the reap
+    second = LeaseBook(redis_client, "survivor", 5).claim(job.id)
+    assert second > first
+    assert store.start(job.id, StatusEvent(JobState.STARTED, "frozen"), first).fenced
+    assert store.append(job.id, TokenEvent("new"), second) is not None
+    writer = EventWriter(store)
+    writer.send(job.id, first, TokenEvent("stale again"))
+    with pytest.raises(StaleAttempt):
+        writer.flush(job.id)
+    assert store.append(job.id, DoneEvent(FinishReason.STOP, Usage(2, 1), {}), second)
+    assert redis_client.zscore(LEASES_KEY, job.id) is None  # released with the end, at once
+    assert store.append(job.id, TokenEvent("late"), second) is None
+    assert store.append(job.id, StatusEvent(JobState.RESTARTED)) is None
+    assert [e.get("text") or e.get("state") or e["type"] for e in store.read(job.id)] == \
+        ["queued", "started", "old ", "restarted", "new", "done"]
+
+
+def test_a_job_that_loses_its_worker_max_attempts_times_ends_with_worker_lost(redis_client,
+                                                                             store):
+    job = _queued_job(store)
+    sent: list[str] = []
+    reaper = Reaper(LeaseBook(redis_client, "reaper", 1), store, lambda j: sent.append(j.id),
+                    max_attempts=2)
+    for attempt in (1, 2):
+        assert LeaseBook(redis_client, f"dies-{attempt}", 0.1).claim(job.id)
+        time.sleep(0.2)
+        reaper.reap()
+    assert sent == [job.id]  # restarted once, then ended
+    last = store.read(job.id)[-1]
+    assert last["type"] == "error" and last["error"]["code"] == "worker_lost"
+    late = LeaseBook(redis_client, "late", 1).claim(job.id)
+    assert store.start(job.id, StatusEvent(JobState.STARTED, "late"), late).ended_before
+
+
+def test_the_lease_thread_survives_an_unexpected_error_and_counts_it(redis_client, store):
+    job = _queued_job(store)
+    book = LeaseBook(redis_client, "keeper", 0.5)
+
+    class BrokenOnce(Reaper):
+        failures = 2
+
+        def reap(self):
+            if self.failures:
+                self.failures -= 1
+                raise ValueError("a bug in the reaper")
+            return super().reap()
+
+    before = _survived("leases")
+    keeper = LeaseKeeper(book, BrokenOnce(book, store, lambda j: None), 0.1)
+    keeper.start()
+    try:
+        with keeper.hold(job.id):
+            time.sleep(1.2)  # past the lease: only a living thread keeps it
+            assert not LeaseBook(redis_client, "other", 0.5).claim(job.id)
+    finally:
+        keeper.stop()
+    assert _survived("leases") == before + 2
+
+
+def _survived(thread: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("dawet_background_errors_total", {"thread": thread}) or 0.0

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 import redis
 import websocket
@@ -29,7 +30,7 @@ def pair() -> Iterator[Stack]:
     """Redis, two workers for the demo model and the API, with short leases."""
     settings = Settings(models_file=MODELS_FILE, default_model=DEMO_MODEL, api_port=free_port(),
                         api_workers=1, worker_concurrency=2, heartbeat_seconds=0.5,
-                        lease_seconds=2.0, lease_refresh_seconds=0.3)
+                        lease_seconds=2.0, lease_refresh_seconds=0.3, engine_stall_seconds=3.0)
     log_dir = ARTIFACTS / "logs-faults"
     log_dir.mkdir(parents=True, exist_ok=True)
     for old in log_dir.glob("*.log"):
@@ -137,3 +138,90 @@ def test_sigterm_drains_the_running_job_before_the_worker_exits(pair, api, pair_
     assert worker.process.wait(30) == 0
     assert [e.get("state") for e in events if e["type"] == "status"] == ["queued", "started"]
     assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == 500
+
+
+def test_a_frozen_worker_that_wakes_after_its_job_moved_writes_nothing(pair, api, pair_redis):
+    _two_live_workers(pair, pair_redis)
+    job = submit(api, **LONG)
+    ws, events = _start_and_watch(job)
+    frozen = _runner_of(pair, events)
+    group = [psutil.Process(frozen.process.pid)]
+    group += group[0].children(recursive=True)  # its engine process too
+    for process in group:
+        process.suspend()  # SIGSTOP, past the lease: the other worker takes the job over
+    try:
+        events = _read_to_end(ws, events)
+    finally:
+        for process in group:
+            process.resume()
+    time.sleep(3)  # the stale attempt's engine and runner go on, and try to write
+    assert stream_events(job["stream_url"]) == events
+    assert [e.get("state") for e in events if e["type"] == "status"] == \
+        ["queued", "started", "restarted", "started"]
+    assert [e["type"] for e in events].count("done") == 1
+    survivor = [e["worker"] for e in events if e.get("state") == "started"][-1]
+    assert not survivor.startswith(frozen.name + "-") and frozen.alive()
+    after_restart = token_text(events[[e.get("state") for e in events].index("restarted"):])
+    view = api.get(f"/v1/jobs/{job['id']}").json()
+    assert view["text"] == after_restart and view["usage"]["completion_tokens"] == 500
+
+
+def test_a_job_that_kills_its_engine_every_time_ends_with_worker_lost(pair, api, pair_redis):
+    _two_live_workers(pair, pair_redis)
+    job = submit(api, **LONG)
+    ws = websocket.create_connection(job["stream_url"], timeout=120)
+    events: list[dict] = []
+    for attempt in range(1, pair.settings.max_attempts + 1):
+        while [e.get("state") for e in events].count("started") < attempt:
+            events.append(json.loads(ws.recv()))
+        victim = _runner_of(pair, events[-1:])
+        engine = next(p for p in psutil.Process(victim.process.pid).children(recursive=True)
+                      if "tasks.engine.host" in " ".join(p.cmdline()))
+        engine.kill()
+        victim.process.wait(30)
+        pair.add_worker(DEMO_MODEL)
+    events = _read_to_end(ws, events)
+    assert [e.get("state") for e in events if e["type"] == "status"] == \
+        ["queued"] + ["started", "restarted"] * 2 + ["started"]
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "worker_lost"
+    assert pair_redis.zscore(LEASES_KEY, job["id"]) is None
+
+
+def test_a_worker_whose_engine_hangs_exits_and_its_job_runs_on_the_other(pair, api, pair_redis):
+    _two_live_workers(pair, pair_redis)
+    job = submit(api, **LONG)
+    ws, events = _start_and_watch(job)
+    worker = _runner_of(pair, events)
+    engine = next(p for p in psutil.Process(worker.process.pid).children(recursive=True)
+                  if "tasks.engine.host" in " ".join(p.cmdline()))
+    engine.suspend()  # a hang, not a crash: the process lives and sends nothing
+    assert worker.process.wait(30) == 75  # the watchdog's exit, after engine_stall_seconds
+    events = _read_to_end(ws, events)
+    assert [e.get("state") for e in events if e["type"] == "status"] == \
+        ["queued", "started", "restarted", "started"]
+    assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == 500
+    assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_redis_pause_longer_than_the_lease_restarts_no_job_and_loses_nothing(pair, api,
+                                                                             pair_redis):
+    """Redis stalls (CLIENT PAUSE) for longer than a lease and than the clients' socket
+    timeout while jobs stream: the workers' writes wait and retry, no lease is reaped, and
+    every job ends once and whole (a stream that broke resumes from the log)."""
+    _two_live_workers(pair, pair_redis)
+    jobs = [submit(api, **LONG) for _ in range(4)]
+    for job in jobs:
+        ws, _ = _start_and_watch(job)
+        ws.close()
+    pause_ms = int(pair.settings.lease_seconds * 4000)  # 4 leases, past the 5 s socket timeout
+    pair_redis.execute_command("CLIENT", "PAUSE", pause_ms, "ALL")
+    time.sleep(pause_ms / 1000)
+    texts = set()
+    for job in jobs:
+        events = stream_events(job["stream_url"], timeout=120)
+        assert [e.get("state") for e in events if e["type"] == "status"] == ["queued", "started"]
+        assert [e["type"] for e in events].count("done") == 1
+        assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == 500
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        texts.add(token_text(events))
+    assert len(texts) == 1  # greedy, one prompt: a lost or doubled event would show

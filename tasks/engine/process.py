@@ -74,6 +74,7 @@ class EngineProcess:
         self._ids = itertools.count(1)
         self._stats = EngineStats(0, 0, 0.0)
         self._stats_lock, self._stats_answered = threading.Lock(), threading.Event()
+        self.last_progress = time.monotonic()  # when the engine last sent anything
         self._send(msg.Start(spec, options))
         try:
             self.info = self._await_ready(start_timeout)
@@ -87,6 +88,14 @@ class EngineProcess:
     @property
     def pid(self) -> int:
         return self._process.pid
+
+    def stalled_for(self) -> float:
+        """Seconds since the engine last made progress while it holds requests; 0 if idle."""
+        return time.monotonic() - self.last_progress if self._runs else 0.0
+
+    def restart_stall_clock(self) -> None:
+        """Count the engine's silence from now (the watcher was not running until now)."""
+        self.last_progress = time.monotonic()
 
     def stats(self) -> EngineStats:
         """Batch size, waiting requests, KV-cache use and GPU memory, asked of the engine now
@@ -104,6 +113,8 @@ class EngineProcess:
             sink: StepSink) -> None:
         """Submit the request and wait for its end; steps reach `sink` on the reader thread."""
         rid, run = next(self._ids), _Run(sink, cancel)
+        if not self._runs:
+            self.last_progress = time.monotonic()  # idle until now: the clock starts here
         self._runs[rid] = run
         try:
             self._send(msg.Submit(rid, list(prompt_ids), params))
@@ -174,6 +185,7 @@ class EngineProcess:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
+            self.last_progress = time.monotonic()
             if isinstance(message, msg.Stats):
                 self._stats = message.stats
                 self._stats_answered.set()

@@ -130,6 +130,7 @@ class ErrorEvent:
 
 
 DEADLINE_EXCEEDED = "deadline_exceeded"  # the error code of a job that expired unstarted
+WORKER_LOST = "worker_lost"  # the error code of a job that lost its worker max_attempts times
 
 Event = StatusEvent | TokenEvent | DoneEvent | ErrorEvent
 TERMINAL_TYPES = frozenset({"done", "error"})

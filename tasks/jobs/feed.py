@@ -173,8 +173,9 @@ def follow(store: JobStore, feed: JobFeed, job_id: str, after: int,
            idle_timeout: float) -> Iterator[dict[str, Any]]:
     """Replay events after `after`, then follow live until a terminal event.
 
-    Raises JobNotFound for an unknown job, and StreamIdle when no event arrives for
-    `idle_timeout` seconds.
+    Raises JobNotFound for an unknown job, and StreamIdle when a running job sends no event
+    for `idle_timeout` seconds: the silence of a worker, not the wait in the queue (which a
+    job's deadline bounds). A stream that resumes mid-job counts it as running.
     """
     with feed.subscription(job_id) as inbox:
         inbox.ready.wait(RECHECK_SECONDS)  # the confirmation: then one read misses nothing
@@ -184,20 +185,22 @@ def follow(store: JobStore, feed: JobFeed, job_id: str, after: int,
             raise JobNotFound(job_id)
         if not events and _ended_by(store.last_event(job_id), after):
             return  # a reader that resumes after the last event of a finished job
-        idle = 0.0
+        idle, running = 0.0, after > 0
         while True:
             for event in events:
                 yield event
                 if is_terminal(event):
                     return
                 after = event["seq"]
+                if event["type"] == "status":  # queued or restarted: back in a queue
+                    running = event["state"] == "started"
             woke = inbox.ready.wait(RECHECK_SECONDS)
             events = inbox.events_after(after) if woke else None
             if events is None:
                 events = store.read(job_id, after)
             if events:
                 idle = 0.0
-            elif not woke:
+            elif not woke and running:
                 idle += RECHECK_SECONDS
                 if idle >= idle_timeout:
                     raise StreamIdle(job_id)

@@ -1,14 +1,24 @@
 """Job leases: a running job holds a lease that its worker renews; a lapsed lease means its
 worker died, and the job runs again on another worker after a `restarted` event.
 
+Each claim starts an attempt: it counts the job's attempts and grants a fencing token, the
+job's `fence`, which every write of that attempt carries (tasks/jobs/log.py refuses a write
+whose fence is not the current one). Reaping a lapsed lease moves the fence on, so a worker
+that was only frozen, and wakes after its job moved, writes nothing more. After
+`max_attempts` attempts the reaper ends the job with `worker_lost` instead of restarting it.
+
 `dawet:leases` is a sorted set (member: job id, score: expiry in Redis-clock milliseconds) and
 `dawet:lease-owners` a hash (job id -> owning worker). Scripts read the time from Redis, so
 workers' clocks need not agree. Each worker's LeaseKeeper thread renews all its jobs' leases
 with one script call per beat and reaps lapsed leases; the reap script removes each lapsed
 lease atomically, so exactly one worker restarts a given job.
 
-A worker cut off from Redis for longer than a lease may see its jobs restarted elsewhere when
-Redis returns; with the embedded (in-memory) Redis the jobs are gone by then anyway.
+Whose clock measures a lease's silence? Redis's, but only while Redis could be talked to:
+every renew and reap notes the time in `dawet:leases:seen`, and when a script finds that no
+worker reached Redis for longer than half a lease (Redis was frozen or paused, or cut off from
+every worker), it moves every lease on by that gap before it looks at any. So a Redis stall
+longer than a lease restarts no job whose worker is alive; one frozen or partitioned worker,
+while others keep talking to Redis, still loses its jobs to them.
 """
 from __future__ import annotations
 
@@ -19,26 +29,44 @@ from contextlib import contextmanager
 
 import redis
 
-from tasks.jobs.contract import Job, JobState, StatusEvent, is_terminal
-from tasks.jobs.log import JobStore, as_text
+from tasks.jobs.background import survive
+from tasks.jobs.contract import (WORKER_LOST, ErrorBody, ErrorEvent, Job, JobState, StatusEvent,
+                                 is_terminal)
+from tasks.jobs.log import LEASES_KEY, OWNERS_KEY, JobStore, as_text
 
 logger = logging.getLogger(__name__)
 
-LEASES_KEY = "dawet:leases"
-OWNERS_KEY = "dawet:lease-owners"
 REAP_BATCH = 100
+SEEN_KEY = "dawet:leases:seen"  # when a worker last reached Redis (Redis-clock milliseconds)
 
 _NOW = "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-
-_CLAIM = _NOW + """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) > now then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
+# After a silence of every worker longer than half a lease (ARGV[2] ms), move every lease on by
+# it: KEYS[3] holds when a worker last reached Redis.
+_CATCH_UP = _NOW + """
+local seen = tonumber(redis.call('GET', KEYS[3]) or now)
+if now - seen > tonumber(ARGV[2]) / 2 then
+  local leases = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  for i = 1, #leases, 2 do
+    redis.call('ZADD', KEYS[1], tonumber(leases[i + 1]) + now - seen, leases[i])
+  end
+end
+redis.call('SET', KEYS[3], now)
 """
 
-_RENEW = _NOW + """
+_JOB = "local job = 'dawet:job:{' .. ARGV[1] .. '}'\n"  # the job's hash (tasks/jobs/log.py)
+
+# A new attempt: 0 if another worker's lease is live or the job's record is gone, else its fence
+_CLAIM = _NOW + _JOB + """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) > now then return 0 end
+if redis.call('EXISTS', job) == 0 then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBY', job, 'attempts', 1)
+return redis.call('HINCRBY', job, 'fence', 1)
+"""
+
+_RENEW = _CATCH_UP + """
 local lost = {}
 for i = 3, #ARGV do
   if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
@@ -57,13 +85,19 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 """
 
-_REAP = _NOW + """
+# Lapsed leases: each removed, its attempt fenced out; returns [job, attempts so far, ...]
+_REAP = _CATCH_UP + """
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, job in ipairs(lapsed) do
-  redis.call('ZREM', KEYS[1], job)
-  redis.call('HDEL', KEYS[2], job)
+local found = {}
+for _, id in ipairs(lapsed) do
+  local job = 'dawet:job:{' .. id .. '}'
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  if redis.call('EXISTS', job) == 1 then redis.call('HINCRBY', job, 'fence', 1) end
+  table.insert(found, id)
+  table.insert(found, redis.call('HGET', job, 'attempts') or '0')
 end
-return lapsed
+return found
 """
 
 _LAPSE = """
@@ -79,55 +113,70 @@ class LeaseBook:
     def __init__(self, client: redis.Redis, owner: str, lease_seconds: float):
         self.owner = owner
         self._lease_ms = int(lease_seconds * 1000)
-        keys = [LEASES_KEY, OWNERS_KEY]
+        keys = [LEASES_KEY, OWNERS_KEY, SEEN_KEY]
         scripts = {name: client.register_script(src) for name, src in
                    [("claim", _CLAIM), ("renew", _RENEW), ("release", _RELEASE),
                     ("reap", _REAP), ("lapse", _LAPSE)]}
         self._call = lambda name, *args: scripts[name](keys=keys, args=list(args))
 
-    def claim(self, job_id: str) -> bool:
-        """Take the job's lease unless another worker holds a live one."""
-        return bool(self._call("claim", job_id, self.owner, self._lease_ms))
+    def claim(self, job_id: str) -> int:
+        """Take the job's lease unless another worker holds a live one: the new attempt's
+        fence, or 0 if not taken."""
+        return int(self._call("claim", job_id, self.owner, self._lease_ms))
 
     def renew(self, job_ids: list[str]) -> set[str]:
-        """Extend these jobs' leases; returns the ones this owner no longer holds."""
-        if not job_ids:
-            return set()
+        """Extend these jobs' leases; returns the ones this owner no longer holds. Called with
+        none, it still tells Redis that this worker reached it."""
         return {as_text(j) for j in self._call("renew", self.owner, self._lease_ms, *job_ids)}
 
     def release(self, job_id: str) -> None:
         """Give the lease up (the job ended, or was handed back)."""
         self._call("release", job_id, self.owner)
 
-    def reap(self) -> list[str]:
-        """Remove lapsed leases and return their jobs; each lapsed job goes to one caller."""
-        return [as_text(j) for j in self._call("reap", REAP_BATCH)]
+    def reap(self) -> list[tuple[str, int]]:
+        """Remove lapsed leases, fencing their attempts out; return (job, attempts so far) for
+        each. Each lapsed job goes to one caller."""
+        found = self._call("reap", REAP_BATCH, self._lease_ms)
+        return [(as_text(job), int(found[i + 1])) for i, job in enumerate(found) if i % 2 == 0]
 
     def lapse(self, job_id: str) -> None:
         """Mark a job's lease lapsed, so the next reap takes it again."""
         self._call("lapse", job_id)
 
 
-class Reaper:
-    """Restarts the jobs of lapsed leases: a `restarted` event, then back to the model's queue."""
+WORKER_LOST_ERROR = "the job lost its worker {attempts} times; it is not restarted again"
 
-    def __init__(self, book: LeaseBook, store: JobStore, send: Callable[[Job], None]):
+
+class Reaper:
+    """Restarts the jobs of lapsed leases: a `restarted` event, then back to the model's queue;
+    a job that has had `max_attempts` attempts ends with `worker_lost` instead."""
+
+    def __init__(self, book: LeaseBook, store: JobStore, send: Callable[[Job], None],
+                 max_attempts: int = 3, on_restart: Callable[[Job], None] | None = None):
         self._book, self._store, self._send = book, store, send
+        self._max_attempts, self._on_restart = max_attempts, on_restart
 
     def reap(self) -> list[str]:
-        """Restart every job whose lease lapsed; returns their ids."""
+        """Restart (or end) every job whose lease lapsed; returns the restarted ones' ids."""
         restarted = []
-        for job_id in self._book.reap():
-            if self._restart(job_id):
+        for job_id, attempts in self._book.reap():
+            if self._restart(job_id, attempts):
                 restarted.append(job_id)
         return restarted
 
-    def _restart(self, job_id: str) -> bool:
+    def _restart(self, job_id: str, attempts: int) -> bool:
         job = self._store.load(job_id)
         last = self._store.last_event(job_id)
         if job is None or (last is not None and is_terminal(last)):
             return False  # expired, or it ended just before its worker died
-        self._store.append(job_id, StatusEvent(JobState.RESTARTED))
+        if attempts >= self._max_attempts:
+            body = ErrorBody(WORKER_LOST_ERROR.format(attempts=attempts), "server_error",
+                             WORKER_LOST)
+            self._store.append(job_id, ErrorEvent(body))
+            logger.error("job %s lost its worker %d times; ended it", job_id, attempts)
+            return False
+        if self._store.append(job_id, StatusEvent(JobState.RESTARTED)) is None:
+            return False  # it ended meanwhile
         try:
             self._send(job)
         except Exception:  # the broker is down: try again on a later beat
@@ -135,15 +184,20 @@ class Reaper:
             self._book.lapse(job_id)
             return False
         logger.warning("job %s lost its worker; restarted it", job_id)
+        if self._on_restart is not None:
+            self._on_restart(job)
         return True
 
 
 class LeaseKeeper:
     """A worker's lease thread: renews its running jobs' leases and reaps lapsed ones."""
 
-    def __init__(self, book: LeaseBook, reaper: Reaper, interval: float):
+    def __init__(self, book: LeaseBook, reaper: Reaper, interval: float,
+                 on_lost: Callable[[str], None] | None = None):
         self._book, self._reaper, self._interval = book, reaper, interval
+        self._on_lost = on_lost  # a job whose lease this worker lost: stop its generation
         self._running: set[str] = set()
+        self._handed_back: set[str] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dawet-leases", daemon=True)
@@ -155,19 +209,33 @@ class LeaseKeeper:
         self._stopped.set()
 
     @contextmanager
-    def hold(self, job_id: str) -> Iterator[bool]:
-        """Hold the job's lease while the block runs; yields False if another worker has it."""
-        if not self._book.claim(job_id):
-            yield False
+    def hold(self, job_id: str) -> Iterator[int]:
+        """Hold the job's lease while the block runs; yields the attempt's fence, or 0 if
+        another worker has the job."""
+        fence = self._book.claim(job_id)
+        if not fence:
+            yield 0
             return
         with self._lock:
             self._running.add(job_id)
         try:
-            yield True
+            yield fence
         finally:
             with self._lock:
                 self._running.discard(job_id)
-            self._book.release(job_id)
+                handed_back = job_id in self._handed_back
+                self._handed_back.discard(job_id)
+            if handed_back:  # the reaper restarts it once its lease lapses
+                survive("leases", lambda: self._book.lapse(job_id))
+            else:
+                self._book.release(job_id)
+
+    def hand_back(self, job_id: str) -> None:
+        """Give up a held job without ending it: its lease is left to lapse (at once if Redis
+        answers), so a reaper restarts it."""
+        with self._lock:
+            self._running.discard(job_id)
+            self._handed_back.add(job_id)
 
     def beat(self) -> None:
         """Renew this worker's leases, then restart the jobs of lapsed ones."""
@@ -175,12 +243,11 @@ class LeaseKeeper:
             running = sorted(self._running)
         lost = self._book.renew(running)
         if lost:
-            logger.warning("lost the leases of jobs %s", sorted(lost))
+            logger.warning("lost the leases of jobs %s; stopping them", sorted(lost))
+        for job_id in lost if self._on_lost is not None else ():
+            self._on_lost(job_id)
         self._reaper.reap()
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):
-            try:
-                self.beat()
-            except redis.RedisError:  # the next beat retries
-                logger.warning("lease beat failed: Redis unreachable")
+            survive("leases", self.beat)

@@ -7,6 +7,7 @@ take live (tasks/jobs/feed.py).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
@@ -17,34 +18,52 @@ from typing import Any, NamedTuple
 
 import redis
 
+from tasks.jobs.background import survive
 from tasks.jobs.contract import TERMINAL_TYPES, Event, Job
 
 logger = logging.getLogger(__name__)
 
 CANCEL_PATTERN = "dawet:cancel:*"
+LEASES_KEY = "dawet:leases"  # running jobs' leases (tasks/jobs/leases.py)
+OWNERS_KEY = "dawet:lease-owners"
 RETRY_SECONDS = 1.0  # between attempts to re-subscribe after losing Redis
 WRITE_BATCH = 256  # the most events EventWriter sends in one round trip
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.05, 2.0  # backoff of an attempt's retried writes
 
-_APPEND_EVENT = """
+# Every append: KEYS job hash, log Stream, leases, lease owners; ARGV event, TTL, wake channel,
+# the writer's fence (0: no attempt's write, as the API's `queued` or the reaper's
+# `restarted`), "1" for a terminal event, the job id, and the attempt's write number (1, 2, ...
+# per fence; 0 for unfenced writes). Refused (-1) after a terminal event, and (-2) when the
+# fence is not the job's current one: a stale attempt, fenced out when its lease was reaped,
+# writes nothing. A write whose number this attempt already wrote is a retry whose first try
+# went through (-3): nothing is written twice. A terminal event releases the job's lease in
+# the same step.
+_GUARD = """
+local written = redis.call('HGET', KEYS[1], 'written')
+if ARGV[7] ~= '0' and written then
+  local fence, number = string.match(written, '(%d+):(%d+)')
+  if fence == ARGV[4] and tonumber(number) >= tonumber(ARGV[7]) then return -3 end
+end
+if redis.call('HGET', KEYS[1], 'ended') then return -1 end
+if ARGV[4] ~= '0' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[4] then return -2 end
+if ARGV[7] ~= '0' then redis.call('HSET', KEYS[1], 'written', ARGV[4] .. ':' .. ARGV[7]) end
+"""
+_WRITE = """
+if ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], 'ended', 1)
+  redis.call('ZREM', KEYS[3], ARGV[6])
+  redis.call('HDEL', KEYS[4], ARGV[6])
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], seq .. '-0', 'event', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[3], seq .. ' ' .. ARGV[1])
 """
-_APPEND = _APPEND_EVENT + "return seq\n"
-
-# A job's start: -1 if its log already ends (with an event of a type in ARGV[4:]), else
-# append the `started` event and answer whether a cancel was requested (KEYS[3], its flag).
-_START = """
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-if last then
-  local kind = cjson.decode(last[2][2])['type']
-  for i = 4, #ARGV do
-    if kind == ARGV[i] then return -1 end
-  end
-end
-""" + _APPEND_EVENT + "return redis.call('EXISTS', KEYS[3])\n"
+_APPEND = _GUARD + _WRITE + "return seq\n"
+# A job's start: as an append, then whether a cancel was requested (KEYS[5], its flag).
+_START = _GUARD + _WRITE + "return redis.call('EXISTS', KEYS[5])\n"
+ENDED, FENCED, WRITTEN = -1, -2, -3  # what a refused append answers
 
 
 def _job_key(job_id: str) -> str:
@@ -72,14 +91,22 @@ class JobStart(NamedTuple):
 
     ended_before: bool  # the log already ends: nothing was appended, the job must not run
     cancel_requested: bool
+    fenced: bool = False  # another attempt holds the job: nothing was appended
+
+
+class StaleAttempt(RuntimeError):
+    """The job's log refused this attempt's write: its lease was reaped, or the job ended."""
 
 
 class JobStore:
     """Job records, event logs and cancel flags in one Redis."""
 
-    def __init__(self, client: redis.Redis, ttl_seconds: int):
+    def __init__(self, client: redis.Redis, ttl_seconds: int, retry_seconds: float = 0.0):
         self.redis = client
         self.ttl = ttl_seconds
+        self.retry_seconds = retry_seconds  # how long an attempt's writes retry a lost Redis
+        self._numbers: dict[tuple[str, int], itertools.count] = {}
+        self._numbers_lock = threading.Lock()
         self._append = client.register_script(_APPEND)
         self._start = client.register_script(_START)
 
@@ -102,48 +129,86 @@ class JobStore:
         raw = self.redis.hget(_job_key(job_id), "job")
         return Job.model_validate_json(raw) if raw else None
 
-    def append(self, job_id: str, event: Event) -> int:
-        """Append an event and wake followers; returns its sequence number."""
-        return int(self._append(**self._append_call(job_id, event)))
+    def append(self, job_id: str, event: Event, fence: int = 0) -> int | None:
+        """Append an event and wake followers; returns its sequence number (0 if a retry found
+        it written), or None if the log refused it (the job ended, or `fence` is not the job's
+        current attempt). An attempt's writes retry a lost Redis for `retry_seconds`."""
+        call = self._append_call(job_id, event, fence)
+        seq = int(self._retrying(lambda: self._append(**call)))
+        return None if seq in (ENDED, FENCED) else max(seq, 0)
 
-    def start(self, job_id: str, started: Event) -> JobStart:
+    def start(self, job_id: str, started: Event, fence: int = 0) -> JobStart:
         """Append the job's `started` event unless its log already ended (a redelivered task
-        of a finished job), and read its cancel flag: one round trip at every job's start."""
-        call = self._append_call(job_id, started)
-        answer = int(self._start(keys=[*call["keys"], _cancel_key(job_id)],
-                                 args=[*call["args"], *sorted(TERMINAL_TYPES)]))
-        return JobStart(ended_before=answer < 0, cancel_requested=answer > 0)
+        of a finished job) or another attempt holds it, and read its cancel flag: one round
+        trip at every job's start."""
+        call = self._append_call(job_id, started, fence)
+        answer = int(self._retrying(lambda: self._start(
+            keys=[*call["keys"], _cancel_key(job_id)], args=call["args"])))
+        return JobStart(ended_before=answer == ENDED, cancel_requested=answer > 0,
+                        fenced=answer == FENCED)
 
-    def append_many(self, events: list[tuple[str, Event]]) -> None:
-        """Append (job id, event) pairs in one round trip, each job's in the given order."""
+    def append_many(self, events: list[tuple[str, int, Event]]) -> list[bool]:
+        """Append (job id, fence, event) triples in one round trip, each job's in the given
+        order; returns whether each was written (now, or by an earlier try)."""
+        calls = [self._append_call(job_id, event, fence) for job_id, fence, event in events]
+
         def commands(pipe: redis.client.Pipeline) -> None:
-            for job_id, event in events:
-                self._append_in(pipe, job_id, event)
+            for call in calls:
+                pipe.evalsha(self._append.sha, len(call["keys"]), *call["keys"], *call["args"])
 
-        self._pipelined(commands)
+        replies = self._retrying(lambda: self._pipelined(commands))
+        return [int(seq) not in (ENDED, FENCED) for seq in replies]
 
-    def _append_call(self, job_id: str, event: Event) -> dict[str, list]:
-        return {"keys": [_job_key(job_id), _log_key(job_id)],
-                "args": [json.dumps(event.to_dict()), self.ttl, wake_channel(job_id)]}
+    def forget(self, job_id: str, fence: int) -> None:
+        """The attempt ended: drop its write numbering."""
+        with self._numbers_lock:
+            self._numbers.pop((job_id, fence), None)
+
+    def _append_call(self, job_id: str, event: Event, fence: int = 0) -> dict[str, list]:
+        """The append script's keys and arguments; an attempt's write takes its next number."""
+        terminal = "1" if event.to_dict()["type"] in TERMINAL_TYPES else "0"
+        return {"keys": [_job_key(job_id), _log_key(job_id), LEASES_KEY, OWNERS_KEY],
+                "args": [json.dumps(event.to_dict()), self.ttl, wake_channel(job_id), fence,
+                         terminal, job_id, self._number(job_id, fence)]}
+
+    def _number(self, job_id: str, fence: int) -> int:
+        if not fence:
+            return 0
+        with self._numbers_lock:
+            return next(self._numbers.setdefault((job_id, fence), itertools.count(1)))
+
+    def _retrying(self, call):
+        """Run a write, retrying a lost or stalled Redis with bounded backoff for up to
+        `retry_seconds`; safe for an attempt's writes, which the script numbers."""
+        deadline, delay = time.monotonic() + self.retry_seconds, RETRY_FIRST_SECONDS
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("Redis write failed (%s); retrying in %.2f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     def _append_in(self, pipe: redis.client.Pipeline, job_id: str, event: Event) -> None:
         call = self._append_call(job_id, event)
         pipe.evalsha(self._append.sha, len(call["keys"]), *call["keys"], *call["args"])
 
-    def _pipelined(self, commands) -> None:
-        """Run `commands(pipe)` in one round trip. The append script goes by its digest: a
-        Script in a pipeline costs a SCRIPT EXISTS round trip first, on every execution. If
-        Redis lost its scripts (a restart), load it and run the commands again."""
+    def _pipelined(self, commands) -> list:
+        """Run `commands(pipe)` in one round trip and return the replies. The append script
+        goes by its digest: a Script in a pipeline costs a SCRIPT EXISTS round trip first, on
+        every execution. If Redis lost its scripts (a restart), load it and run them again."""
         for attempt in (1, 2):
             with self.redis.pipeline(transaction=False) as pipe:
                 commands(pipe)
                 try:
-                    pipe.execute()
-                    return
+                    return pipe.execute()
                 except redis.exceptions.NoScriptError:
                     if attempt == 2:
                         raise
                     self.redis.script_load(_APPEND)
+        return []
 
     def read(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """Events with seq > after, in order, each with its `seq`."""
@@ -202,20 +267,27 @@ class EventWriter:
         self._failed: dict[str, Exception] = {}
         threading.Thread(target=self._run, name="dawet-event-writer", daemon=True).start()
 
-    def send(self, job_id: str, event: Event) -> None:
-        """Queue an event for the job's log; raises if an earlier one failed to be written."""
+    def send(self, job_id: str, fence: int, event: Event) -> None:
+        """Queue an event for the job's log, written as attempt `fence`; raises if an earlier
+        one failed to be written (StaleAttempt if the log refused it)."""
         if job_id in self._failed:
-            raise EventWriteFailed(job_id) from self._failed[job_id]
-        self._queue.put((job_id, event))
+            self._raise(job_id, self._failed[job_id])
+        self._queue.put((job_id, fence, event))
 
     def flush(self, job_id: str) -> None:
         """Wait until the job's queued events are written; raise if one of them was not."""
         written = threading.Event()
-        self._queue.put((job_id, written))
+        self._queue.put((job_id, 0, written))
         written.wait()
         failure = self._failed.pop(job_id, None)
         if failure is not None:
-            raise EventWriteFailed(job_id) from failure
+            self._raise(job_id, failure)
+
+    @staticmethod
+    def _raise(job_id: str, failure: Exception):
+        if isinstance(failure, StaleAttempt):
+            raise failure
+        raise EventWriteFailed(job_id) from failure
 
     def _run(self) -> None:
         while True:
@@ -227,16 +299,19 @@ class EventWriter:
                     break
             self._write(batch)
 
-    def _write(self, batch: list[tuple[str, Any]]) -> None:
-        events = [(job_id, item) for job_id, item in batch if not isinstance(item, threading.Event)]
+    def _write(self, batch: list[tuple[str, int, Any]]) -> None:
+        events = [entry for entry in batch if not isinstance(entry[2], threading.Event)]
         try:
-            if events:
-                self._store.append_many(events)
+            written = self._store.append_many(events) if events else []
         except Exception as exc:  # noqa: BLE001 - reported to each job's runner at its flush
             logger.warning("could not write %d job events: %s", len(events), exc)
-            for job_id, _ in events:
-                self._failed[job_id] = exc
-        for _, item in batch:
+            written = [False] * len(events)
+            self._failed.update({job_id: exc for job_id, _, _ in events})
+        for (job_id, fence, _), ok in zip(events, written):
+            if not ok and job_id not in self._failed:
+                self._failed[job_id] = StaleAttempt(f"job {job_id}: the log refused attempt "
+                                                    f"{fence}'s write")
+        for _, _, item in batch:
             if isinstance(item, threading.Event):
                 item.set()
 
@@ -292,21 +367,22 @@ class CancelListener:
                     del self._events[job_id]
 
     def _run(self) -> None:
-        """Listen and poll until closed; on a lost connection, retry (redis-py re-subscribes)."""
+        """Listen and poll until closed; on a failure, retry (redis-py re-subscribes)."""
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        next_poll = 0.0
+        next_poll = [0.0]
+
+        def listen() -> None:
+            if not pubsub.subscribed:
+                pubsub.psubscribe(CANCEL_PATTERN)
+            message = pubsub.get_message(timeout=self._poll_seconds)
+            if message is not None:
+                self._set(job_of_channel(message["channel"]))
+            if time.monotonic() >= next_poll[0]:
+                next_poll[0] = time.monotonic() + self._poll_seconds
+                self._poll()
+
         while not self._closed.is_set():
-            try:
-                if not pubsub.subscribed:
-                    pubsub.psubscribe(CANCEL_PATTERN)
-                message = pubsub.get_message(timeout=self._poll_seconds)
-                if message is not None:
-                    self._set(job_of_channel(message["channel"]))
-                if time.monotonic() >= next_poll:
-                    next_poll = time.monotonic() + self._poll_seconds
-                    self._poll()
-            except redis.RedisError:
-                logger.warning("cancel listener lost Redis; retrying")
+            if not survive("cancels", listen):
                 self._closed.wait(RETRY_SECONDS)
         pubsub.close()
 
@@ -316,6 +392,10 @@ class CancelListener:
         for job_id, cancelled in zip(job_ids, self._store.cancelled(job_ids)):
             if cancelled:
                 self._set(job_id)
+
+    def interrupt(self, job_id: str) -> None:
+        """Set the job's cancel events now, as a cancel would (without a cancel flag)."""
+        self._set(job_id)
 
     def _set(self, job_id: str) -> None:
         with self._lock:

@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 
+from tasks.jobs.background import survive
+
 logger = logging.getLogger(__name__)
 
 BEATS_BEFORE_EXPIRY = 3  # a record outlives two missed heartbeats
@@ -94,7 +96,4 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopped.wait(self._registry.heartbeat_seconds):
-            try:
-                self._registry.beat(self._record_fn())
-            except redis.RedisError:  # the next beat retries; the record may lapse meanwhile
-                logger.warning("heartbeat failed: Redis unreachable")
+            survive("heartbeat", lambda: self._registry.beat(self._record_fn()))

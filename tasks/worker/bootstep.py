@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -27,12 +28,15 @@ from tasks.worker.brokerfix import tolerate_detached_channels
 from tasks.engine.factory import EngineInfo, engine_options, start_engine
 from tasks.engine.process import GIL_SWITCH_SECONDS
 from tasks.worker.guard import build_guard
-from tasks.worker.metrics import heartbeat_marked, report_engine_stats, start_worker_metrics
+from tasks.worker.metrics import (heartbeat_marked, mark_worker_down, report_engine_stats,
+                                  start_worker_metrics)
 from tasks.jobs.workers import Heartbeat, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
 EXIT_ENGINE_LOST = 70  # EX_SOFTWARE: the worker exits with it when its engine process dies
+EXIT_ENGINE_STALLED = 75  # EX_TEMPFAIL: ... when its engine holds work and makes no progress
+WATCHDOG_SECONDS = 1.0  # how often the watchdog looks at the engine
 
 
 @dataclass
@@ -84,9 +88,30 @@ class ModelStep(bootsteps.StartStopStep):
         self.heartbeat.start()
         start_worker_metrics(settings.worker_metrics_host, settings.worker_metrics_port,
                              self.spec.name, worker.hostname, info)
+        if hasattr(engine, "stalled_for"):  # an engine process (not one on this process's threads)
+            threading.Thread(target=self._watch_engine, args=(engine, worker.hostname),
+                             name="dawet-engine-watchdog", daemon=True).start()
         freeze_startup_heap()
         logger.info("worker %s serves %s from queue %s", worker.hostname, self.spec.name,
                     self.spec.queue)
+
+    def _watch_engine(self, engine, worker_name: str) -> None:
+        """Exit when the engine holds work and has made no progress for engine_stall_seconds
+        (a hang, not a crash): the leases lapse and the jobs run again on another worker."""
+        limit, checked = get_settings().engine_stall_seconds, time.monotonic()
+        while True:
+            time.sleep(WATCHDOG_SECONDS)
+            if time.monotonic() - checked > 2 * WATCHDOG_SECONDS:
+                engine.restart_stall_clock()  # this process was frozen: so was its view
+            checked = time.monotonic()
+            stalled = engine.stalled_for()
+            if stalled > limit:
+                logger.critical("the engine made no progress for %.0f s with work in hand; "
+                                "exiting so that its jobs are re-run", stalled)
+                mark_worker_down(self.spec.name, worker_name)
+                if self.heartbeat is not None:
+                    self.heartbeat.stop()  # the API sees it gone at once
+                os._exit(EXIT_ENGINE_STALLED)
 
     def stop(self, worker) -> None:
         # Steps stop before the pool drains its running tasks, so the engine must stay up here
@@ -115,7 +140,7 @@ def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
     if split:
         pin_process(split[1])  # the engine process has its CPUs; this one keeps off them
     report_engine_stats(engine.stats)
-    store = JobStore(client, settings.job_ttl_seconds)
+    store = JobStore(client, settings.job_ttl_seconds, settings.redis_retry_seconds)
     cancels = CancelListener(redis.Redis.from_url(settings.redis_url_or_fallback()), store,
                              settings.cancel_poll_seconds)
     cancels.start()

@@ -10,7 +10,7 @@ from celery import Celery
 from dawet.settings import Settings
 from model_store.registry import load_registry
 from tasks.jobs.contract import DEADLINE_EXCEEDED, ErrorBody, ErrorEvent, Job
-from tasks.jobs.log import JobStore
+from tasks.jobs.log import EventWriteFailed, JobStore
 from tasks.jobs.leases import LeaseBook, LeaseKeeper, Reaper
 
 logger = logging.getLogger(__name__)
@@ -28,24 +28,29 @@ class JobGuard:
 
     def run(self, job: Job) -> None:
         """Run the job unless another worker runs it or its deadline passed."""
-        with self.keeper.hold(job.id) as held:
-            if not held:
+        with self.keeper.hold(job.id) as fence:
+            if not fence:
                 logger.info("job %s runs on another worker; skipping the redelivery", job.id)
                 return
-            if self._expire_if_late(job):
+            if self._expire_if_late(job, fence):
                 return
-            self._runner.run(job)
+            try:
+                self._runner.run(job, fence)
+            except (redis.RedisError, EventWriteFailed):
+                logger.exception("job %s: Redis lost its start, tokens or end even after "
+                                 "retries; handing it back to run again", job.id)
+                self.keeper.hand_back(job.id)
         if self._log_prompts:
             self._log_output(job.id)
 
-    def _expire_if_late(self, job: Job) -> bool:
+    def _expire_if_late(self, job: Job, fence: int) -> bool:
         """End a job that never started and whose deadline passed with deadline_exceeded."""
         if not job.expired(time.time()):
             return False  # the common case costs no round trip
         last = self._store.last_event(job.id)
         if not (last and last.get("state") == "queued"):
             return False
-        self._store.append(job.id, ErrorEvent(DEADLINE_ERROR))
+        self._store.append(job.id, ErrorEvent(DEADLINE_ERROR), fence)
         logger.info("job %s expired before it started", job.id)
         return True
 
@@ -58,15 +63,17 @@ def build_guard(settings: Settings, app: Celery, client: redis.Redis, runner,
                 worker_name: str) -> JobGuard:
     """Wire leases, reaper and guard for one worker, and start its lease thread."""
     from tasks.worker.app import send_job  # tasks.worker.app imports this module
+    from tasks.worker.metrics import count_restart
 
     queues = {name: spec.queue for name, spec in
               load_registry(settings.models_file, settings.default_model).models.items()}
-    store = JobStore(client, settings.job_ttl_seconds)
+    store = JobStore(client, settings.job_ttl_seconds, settings.redis_retry_seconds)
     book = LeaseBook(client, worker_name, settings.lease_seconds)
 
     def send(job: Job) -> None:
         send_job(app, job, queues[job.model])
 
-    keeper = LeaseKeeper(book, Reaper(book, store, send), settings.lease_refresh_seconds)
+    reaper = Reaper(book, store, send, settings.max_attempts, count_restart)
+    keeper = LeaseKeeper(book, reaper, settings.lease_refresh_seconds, on_lost=runner.interrupt)
     keeper.start()
     return JobGuard(store, keeper, runner, settings.log_prompts)

@@ -42,6 +42,8 @@ JOBS = Counter("dawet_jobs_total", "Jobs ended, by outcome: a finish reason, or 
                ["model", "outcome"])
 PROMPT_TOKENS = Counter("dawet_prompt_tokens_total", "Prompt tokens of ended jobs.", ["model"])
 GENERATION_TOKENS = Counter("dawet_generation_tokens_total", "Tokens generated.", ["model"])
+RESTARTS = Counter("dawet_job_restarts_total",
+                   "Jobs this worker's reaper restarted after their worker was lost.", ["model"])
 MODEL_LOAD_SECONDS = Gauge("dawet_model_load_seconds", "Time this worker took to load its model.",
                            ["model"])
 WORKER_UP = Gauge("dawet_worker_up", "1 while the worker serves its model.", ["model", "worker"])
@@ -112,6 +114,16 @@ def observe_job(job: Job, outcome: DoneEvent | ErrorEvent) -> None:
         decode = timings["total_seconds"] - timings["time_to_first_token_seconds"]
         TIME_PER_OUTPUT_TOKEN.labels(job.model).observe(
             max(decode, 0.0) / (outcome.usage.completion_tokens - 1))
+
+
+def mark_worker_down(model: str, worker: str) -> None:
+    """The worker stops serving (its engine stalled): dawet_worker_up goes to 0."""
+    WORKER_UP.labels(model, worker).set(0)
+
+
+def count_restart(job: Job) -> None:
+    """Count a job that the reaper restarted."""
+    RESTARTS.labels(job.model).inc()
 
 
 def heartbeat_marked(model: str, worker: str, record_fn: Callable[[], dict]) -> Callable[[], dict]:

@@ -12,7 +12,7 @@ from model_store.tokenizer import ChatTokenizer
 from tasks.jobs.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
                             StatusEvent, TokenEvent, Usage)
 from tasks.engine.interface import Engine, TokenStep
-from tasks.jobs.log import CancelListener, EventWriter, JobStore
+from tasks.jobs.log import CancelListener, EventWriteFailed, EventWriter, JobStore, StaleAttempt
 from tasks.worker.metrics import in_flight, observe_job
 from tasks.worker.textstream import IncrementalDecoder, StopMatcher
 
@@ -96,39 +96,59 @@ class JobRunner:
         self._cancels = cancels  # without it, only a cancel requested before the start counts
         self._events = EventWriter(store)  # token events; status and terminal ones go direct
 
-    def run(self, job: Job) -> None:
-        """Run a job to its end; every failure becomes an error event, never an exception."""
+    def run(self, job: Job, fence: int = 0) -> None:
+        """Run a job to its end as attempt `fence` (0: unfenced); every failure becomes an error
+        event, never an exception. A stale attempt stops as soon as its log refuses a write."""
         with self._cancel_event(job.id) as cancel:  # watched first: no cancel slips past
-            start = self._store.start(job.id, StatusEvent(JobState.STARTED, self._worker_name))
-            if start.ended_before:
-                logger.info("job %s already finished; skipping the redelivered task", job.id)
+            start = self._store.start(job.id, StatusEvent(JobState.STARTED, self._worker_name),
+                                      fence)
+            if start.ended_before or start.fenced:
+                logger.info("job %s ended or runs elsewhere; skipping this task", job.id)
                 return
             if start.cancel_requested:
                 cancel.set()
             clock = Clock(created=job.created_at)
             with in_flight(job.model, clock):
-                outcome = self._outcome(job, clock, cancel)
+                outcome = self._outcome(job, fence, clock, cancel)
+        if outcome is None:
+            return
         observe_job(job, outcome)  # before the terminal event, so a reader sees it counted
-        self._store.append(job.id, outcome)
+        if self._store.append(job.id, outcome, fence) is None:
+            logger.warning("job %s: its log refused attempt %d's end; another attempt has it",
+                           job.id, fence)
+        self._store.forget(job.id, fence)
 
-    def _outcome(self, job: Job, clock: Clock, cancel: threading.Event) -> DoneEvent | ErrorEvent:
-        """Generate, and describe how it ended as the job's terminal event."""
+    def interrupt(self, job_id: str) -> None:
+        """Stop the job's generation at its next step (this worker lost its lease)."""
+        if self._cancels is not None:
+            self._cancels.interrupt(job_id)
+
+    def _outcome(self, job: Job, fence: int, clock: Clock,
+                 cancel: threading.Event) -> DoneEvent | ErrorEvent | None:
+        """Generate, and describe how it ended as the job's terminal event; None if the log
+        refused this attempt (its lease was reaped): it must write nothing more."""
         vocab_size = self._tokenizer.vocab_size
         if not all(0 <= token < vocab_size for token in job.prompt_token_ids):
             return ErrorEvent(ErrorBody("the prompt holds token ids outside the model's vocabulary",
                                         "invalid_request_error", "invalid_prompt_tokens"))
         try:
-            finish, usage = self._generate(job, clock, cancel)
+            finish, usage = self._generate(job, fence, clock, cancel)
+        except StaleAttempt:
+            logger.warning("job %s: attempt %d was fenced out; stopped it", job.id, fence)
+            return None
+        except EventWriteFailed:
+            raise  # Redis is lost: the guard hands the job back rather than fail it
         except Exception as exc:  # the boundary: the worker must go on serving
             logger.exception("job %s failed", job.id)
             return ErrorEvent(ErrorBody(f"generation failed: {type(exc).__name__}",
                                         "server_error", "generation_failed"))
         return DoneEvent(finish, usage, clock.timings(usage.completion_tokens))
 
-    def _generate(self, job: Job, clock: Clock,
+    def _generate(self, job: Job, fence: int, clock: Clock,
                   cancel: threading.Event) -> tuple[FinishReason, Usage]:
         """Stream tokens as events until the engine, a stop sequence or a cancel ends the job."""
-        chunks = ChunkBuffer(lambda text: self._emit(job.id, text, clock), self._chunk_seconds)
+        chunks = ChunkBuffer(lambda text: self._emit(job.id, fence, text, clock),
+                             self._chunk_seconds)
         try:
             finish, completion = FinishReason.CANCELLED, 0
             if not cancel.is_set():
@@ -159,7 +179,7 @@ class JobRunner:
         finally:
             self._cancels.unwatch(job_id, event)
 
-    def _emit(self, job_id: str, text: str, clock: Clock) -> None:
+    def _emit(self, job_id: str, fence: int, text: str, clock: Clock) -> None:
         if text:
             clock.first_token = clock.first_token or time.time()
-            self._events.send(job_id, TokenEvent(text))
+            self._events.send(job_id, fence, TokenEvent(text))
