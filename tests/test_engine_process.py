@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -141,7 +140,6 @@ def test_the_engine_process_dies_with_its_worker(tmp_path):
     """A worker killed outright (SIGKILL) leaves no engine process behind."""
     pid_file = tmp_path / "engine.pid"
     worker = subprocess.Popen([sys.executable, "-c", f"""
-import time
 from model_store.registry import load_registry
 from tasks.engine.factory import EngineOptions
 from tasks.engine.process import EngineProcess

@@ -42,6 +42,58 @@ CANCELLED_STEP = TokenStep(None, FinishReason.CANCELLED)
 
 
 StepSink = Callable[[TokenStep], "bool | None"]  # True: abandon the request now
+EndCallback = Callable[[BaseException | None], None]  # a request's end: its error, or None
+
+
+@dataclass(eq=False)
+class Request:
+    """A submitted request, the sink its steps go to, and what to call when it ends."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    cancel: threading.Event
+    sink: StepSink
+    on_end: EndCallback
+    ended: bool = False  # it finished, its sink asked to stop or failed: nothing more reaches it
+    error: BaseException | None = None
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def stopped(self) -> bool:
+        return self.ended or self.cancel.is_set()
+
+    def deliver(self, item: TokenStep | BaseException) -> None:
+        """Hand a step to the sink, or end the request with an error."""
+        if self.ended:
+            return  # the sink already stopped it: nothing reaches it any more
+        try:
+            if isinstance(item, BaseException):
+                raise item
+            ended = bool(self.sink(item)) or item.finish is not None
+        except Exception as exc:  # a failing sink ends its own request only
+            self.error, ended = exc, True
+        if ended:
+            self.ended = True
+            self.on_end(self.error)
+
+
+def run_submitted(submit, prompt_ids: list[int], params: SamplingParams,
+                  cancel: threading.Event, sink: StepSink) -> None:
+    """`Engine.run` for an engine with a loop of its own: `submit(prompt_ids, params, cancel,
+    sink, on_end)` the request, wait until it ends, and raise its error if it failed."""
+    ended, errors = threading.Event(), []
+
+    def on_end(error: BaseException | None) -> None:
+        errors.append(error)
+        ended.set()
+
+    submit(prompt_ids, params, cancel, sink, on_end)
+    ended.wait()
+    if errors[0] is not None:
+        raise errors[0]
 
 
 class Engine(Protocol):

@@ -33,7 +33,8 @@ from pathlib import Path
 from model_store.registry import ModelSpec, Quantization
 from model_store.tokenizer import ChatTokenizer
 from tasks.engine.factory import EngineInfo, EngineOptions
-from tasks.engine.interface import CANCELLED_STEP, EngineStats, StepSink, TokenStep, step_for
+from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, Request, StepSink,
+                                    TokenStep, run_submitted, step_for)
 from tasks.jobs.contract import FinishReason, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ GIB = 1 << 30
 FINISHES = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
             "abort": FinishReason.CANCELLED}
 
-EndCallback = Callable[[BaseException | None], None]
 Inbox = Callable[["VllmEngine", bool], None]
 
 
@@ -53,30 +53,10 @@ class UnsupportedByVllm(ValueError):
 
 
 @dataclass(eq=False)
-class _Run:
-    """A request in vLLM, the sink its steps go to, and what to call when it ends."""
+class _Run(Request):
+    """A request in vLLM: a submitted request and how many tokens it has had."""
 
-    prompt_ids: list[int]
-    params: SamplingParams
-    cancel: threading.Event
-    sink: StepSink
-    on_end: EndCallback
     produced: int = 0
-    ended: bool = False
-
-    def deliver(self, item: TokenStep | BaseException) -> None:
-        """Hand a step to the sink, or end with an error; the first end is the only one."""
-        if self.ended:
-            return
-        error = None
-        try:
-            if isinstance(item, BaseException):
-                raise item
-            self.ended = bool(self.sink(item)) or item.finish is not None
-        except Exception as exc:  # a failing sink ends its own request only
-            error, self.ended = exc, True
-        if self.ended:
-            self.on_end(error)
 
 
 class _StatsTap:
@@ -135,16 +115,7 @@ class VllmEngine:
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:
         """Submit the request and wait until it ends; raises if it failed."""
-        ended, errors = threading.Event(), []
-
-        def on_end(error: BaseException | None) -> None:
-            errors.append(error)
-            ended.set()
-
-        self.submit(prompt_ids, params, cancel, sink, on_end)
-        ended.wait()
-        if errors[0] is not None:
-            raise errors[0]
+        run_submitted(self.submit, prompt_ids, params, cancel, sink)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the loop after its current step, fail what is left, and stop vLLM's core."""

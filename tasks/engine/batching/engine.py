@@ -21,9 +21,9 @@ import torch
 from model_store.loader import LoadedModel
 from tasks.engine.batching.model_runner import ModelRunner
 from tasks.engine.batching.packed import can_pack
-from tasks.engine.batching.scheduler import (EndCallback, Request, Scheduler, prefill_groups,
-                                             split_admitted)
-from tasks.engine.interface import CANCELLED_STEP, EngineStats, StepSink, TokenStep, step_for
+from tasks.engine.batching.scheduler import Scheduler, prefill_groups, split_admitted
+from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, Request, StepSink,
+                                    TokenStep, run_submitted, step_for)
 from tasks.engine.sampling import NonFiniteLogits, Sampler, sample_batch
 from tasks.jobs.contract import SamplingParams
 
@@ -112,16 +112,7 @@ class BatchingEngine:
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:
         """Queue the request and wait until it ends; its steps go to `sink` meanwhile."""
-        ended, errors = threading.Event(), []
-
-        def on_end(error: BaseException | None) -> None:
-            errors.append(error)
-            ended.set()
-
-        self.submit(prompt_ids, params, cancel, sink, on_end)
-        ended.wait()
-        if errors[0] is not None:
-            raise errors[0]
+        run_submitted(self.submit, prompt_ids, params, cancel, sink)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
                sink: StepSink, on_end: EndCallback) -> None:

@@ -9,51 +9,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from tasks.engine.interface import CANCELLED_STEP, StepSink, TokenStep
-from tasks.jobs.contract import SamplingParams
+from tasks.engine.interface import CANCELLED_STEP, Request
 
 PREFILL_PADDING = 1.25  # a prefill's padded tokens over its real ones, at most
 PACKED_PROMPT_TOKENS = 256  # the most prompt tokens that join one decode step (packed.py)
-
-EndCallback = Callable[[BaseException | None], None]  # a request's end: its error, or None
-
-
-@dataclass(eq=False)
-class Request:
-    """A submitted request, the sink its steps go to, and what to call when it ends."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    cancel: threading.Event
-    sink: StepSink
-    on_end: EndCallback
-    ended: bool = False  # it finished, its sink asked to stop or failed: nothing more reaches it
-    error: BaseException | None = None
-
-    @property
-    def reserved_tokens(self) -> int:
-        return len(self.prompt_ids) + self.params.max_new_tokens
-
-    @property
-    def stopped(self) -> bool:
-        return self.ended or self.cancel.is_set()
-
-    def deliver(self, item: TokenStep | BaseException) -> None:
-        """Hand a step to the sink, or end the request with an error."""
-        if self.ended:
-            return  # the sink already stopped it: nothing reaches it any more
-        try:
-            if isinstance(item, BaseException):
-                raise item
-            ended = bool(self.sink(item)) or item.finish is not None
-        except Exception as exc:  # a failing sink ends its own request only
-            self.error, ended = exc, True
-        if ended:
-            self.ended = True
-            self.on_end(self.error)
 
 
 class Scheduler:
