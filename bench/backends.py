@@ -53,7 +53,7 @@ def dawet_stack(args: argparse.Namespace, folder: Path) -> Iterator[str]:
     settings = Settings(models_file=registry_file(args.model_dir, folder),
                         default_model=NAME, api_port=free_port(), api_workers=1,
                         max_batch_size=args.max_batch, kv_cache_tokens=args.kv_cache_tokens,
-                        torch_threads=args.threads, stream_chunk_seconds=0.0,
+                        torch_threads=args.threads,
                         log_level="WARNING", worker_metrics_port=0)
     (folder / "dawet").mkdir()
     stack = Stack(settings, log_dir=folder / "dawet", ready_timeout=900).start()
