@@ -59,34 +59,15 @@ class _Run(Request):
     produced: int = 0
 
 
-class _StatsTap:
-    """A vLLM stat logger that keeps the scheduler's latest numbers for our metrics."""
-
-    def __init__(self):
-        self.latest = EngineStats(0, 0, 0.0)
-
-    def __call__(self, vllm_config, engine_index: int = 0) -> "_StatsTap":
-        return self  # vLLM builds its per-engine loggers from factories: this one is us
-
-    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
-        if scheduler_stats is not None:
-            self.latest = EngineStats(scheduler_stats.num_running_reqs,
-                                      scheduler_stats.num_waiting_reqs,
-                                      scheduler_stats.kv_cache_usage)
-
-    def log_engine_initialized(self) -> None:
-        pass
-
-    def log(self) -> None:
-        pass
-
-
 class VllmEngine:
     """vLLM's LLMEngine behind the Engine interface; submit from any thread."""
 
-    def __init__(self, llm, tap: _StatsTap, eos_ids: frozenset[int], lora=None,
+    def __init__(self, llm, eos_ids: frozenset[int], lora=None,
                  after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None):
-        self._llm, self._tap, self._eos_ids, self._lora = llm, tap, eos_ids, lora
+        self._llm, self._eos_ids, self._lora = llm, eos_ids, lora
+        # the core runs in this process: its scheduler is read directly, so vLLM's per-step
+        # statistics (off) cost nothing; the loop thread is the only one that touches it
+        self._scheduler = llm.engine_core.engine_core.scheduler
         self._after_steps, self._inbox = after_steps, inbox
         self._pending: deque[_Run] = deque()
         self._runs: dict[str, _Run] = {}
@@ -97,10 +78,11 @@ class VllmEngine:
         self._thread.start()
 
     def stats(self) -> EngineStats:
-        """Running and waiting requests and KV-cache use, as vLLM's scheduler last reported."""
-        if not self._runs and not self._pending:  # its last report predates the last ends
-            return EngineStats(0, 0, self._tap.latest.kv_cache_usage)
-        return self._tap.latest
+        """Running and waiting requests and KV-cache use, from vLLM's scheduler (called on the
+        loop thread, through the inbox)."""
+        scheduler = self._scheduler
+        return EngineStats(len(scheduler.running), len(scheduler.waiting),
+                           scheduler.get_kv_cache_usage())
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
                sink: StepSink, on_end: EndCallback) -> None:
@@ -246,7 +228,7 @@ def vllm_engine_args(spec: ModelSpec, options: EngineOptions, cuda: bool):
         model=spec.path, tokenizer=spec.path, dtype=dtype,
         max_model_len=spec.context_length, max_num_seqs=options.max_batch_size,
         enable_prefix_caching=True, generation_config="vllm",  # defaults come from our registry
-        disable_log_stats=False, seed=0, **extra)
+        disable_log_stats=True, seed=0, async_scheduling=True, **extra)
 
 
 def _quantization(spec: ModelSpec, cuda: bool) -> str:
@@ -298,9 +280,9 @@ def start_vllm_engine(spec: ModelSpec, options: EngineOptions, after_steps=None,
     from vllm.lora.request import LoRARequest
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    started, tap = time.perf_counter(), _StatsTap()
-    llm = LLMEngine.from_engine_args(args, stat_loggers=[tap])
+    started = time.perf_counter()
+    llm = LLMEngine.from_engine_args(args)
     lora = LoRARequest(spec.name, LORA_ID, spec.adapter) if spec.adapter else None
     info = EngineInfo("vllm", "cuda" if cuda else "cpu", time.perf_counter() - started, 1)
     eos_ids = ChatTokenizer(spec.path).eos_token_ids
-    return VllmEngine(llm, tap, eos_ids, lora, after_steps, inbox), info
+    return VllmEngine(llm, eos_ids, lora, after_steps, inbox), info

@@ -6,6 +6,7 @@ import time
 
 import redis
 from celery import Celery
+from celery.exceptions import Reject
 
 from dawet.settings import Settings
 from model_store.registry import load_registry
@@ -27,7 +28,18 @@ class JobGuard:
         self._log_prompts = log_prompts
 
     def run(self, job: Job) -> None:
-        """Run the job unless another worker runs it or its deadline passed."""
+        """Run the job unless another worker runs it or its deadline passed. If Redis cannot
+        even grant or return its lease, the job's message goes back to the broker's queue."""
+        try:
+            self._run_held(job)
+        except redis.RedisError as exc:
+            logger.warning("job %s: Redis lost its lease (%s); requeueing its message", job.id,
+                           exc)
+            raise Reject(exc, requeue=True) from exc
+        if self._log_prompts:
+            self._log_output(job.id)
+
+    def _run_held(self, job: Job) -> None:
         with self.keeper.hold(job.id) as fence:
             if not fence:
                 logger.info("job %s runs on another worker; skipping the redelivery", job.id)
@@ -40,8 +52,6 @@ class JobGuard:
                 logger.exception("job %s: Redis lost its start, tokens or end even after "
                                  "retries; handing it back to run again", job.id)
                 self.keeper.hand_back(job.id)
-        if self._log_prompts:
-            self._log_output(job.id)
 
     def _expire_if_late(self, job: Job, fence: int) -> bool:
         """End a job that never started and whose deadline passed with deadline_exceeded."""
