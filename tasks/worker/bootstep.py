@@ -30,6 +30,7 @@ from tasks.engine.process import GIL_SWITCH_SECONDS
 from tasks.worker.guard import build_guard
 from tasks.worker.metrics import (heartbeat_marked, mark_worker_down, report_engine_stats,
                                   start_worker_metrics)
+from tasks.jobs.log import CancelListener, JobStore
 from tasks.jobs.workers import Heartbeat, WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class ModelStep(bootsteps.StartStopStep):
         global _runtime
         settings = get_settings()
         client = redis.Redis.from_url(settings.redis_url_or_fallback())
-        runner, engine, info = _build_runner(self.spec, client, worker.hostname)
-        guard = build_guard(settings, worker.app, client, runner, worker.hostname)
+        store = JobStore(client, settings.job_ttl_seconds, settings.redis_retry_seconds)
+        runner, engine, info = _build_runner(self.spec, store, worker.hostname)
+        guard = build_guard(settings, worker.app, store, runner, worker.hostname)
         _runtime = WorkerRuntime(self.spec, runner, engine, time.time(), guard)
         record = _record_fn(self.spec, worker.hostname, info)
         record = heartbeat_marked(self.spec.name, worker.hostname, record)
@@ -127,9 +129,8 @@ def _close_engine(**_) -> None:
         _runtime.engine.close()
 
 
-def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
-    """Start the engine (it loads the model) and wire job store, cancel listener and runner."""
-    from tasks.jobs.log import CancelListener, JobStore
+def _build_runner(spec: ModelSpec, store: JobStore, worker_name: str):
+    """Start the engine (it loads the model) and wire cancel listener and runner."""
     from tasks.worker.runner import JobRunner
 
     settings = get_settings()
@@ -140,7 +141,6 @@ def _build_runner(spec: ModelSpec, client: redis.Redis, worker_name: str):
     if split:
         pin_process(split[1])  # the engine process has its CPUs; this one keeps off them
     report_engine_stats(engine.stats)
-    store = JobStore(client, settings.job_ttl_seconds, settings.redis_retry_seconds)
     cancels = CancelListener(redis.Redis.from_url(settings.redis_url_or_fallback()), store,
                              settings.cancel_poll_seconds)
     cancels.start()

@@ -44,14 +44,15 @@ class JobGuard:
             if not fence:
                 logger.info("job %s runs on another worker; skipping the redelivery", job.id)
                 return
-            if self._expire_if_late(job, fence):
-                return
             try:
-                self._runner.run(job, fence)
+                if not self._expire_if_late(job, fence):
+                    self._runner.run(job, fence)
             except (redis.RedisError, EventWriteFailed):
                 logger.exception("job %s: Redis lost its start, tokens or end even after "
                                  "retries; handing it back to run again", job.id)
                 self.keeper.hand_back(job.id)
+            finally:
+                self._store.forget(job.id, fence)  # the attempt is over, however it ended
 
     def _expire_if_late(self, job: Job, fence: int) -> bool:
         """End a job that never started and whose deadline passed with deadline_exceeded."""
@@ -69,16 +70,16 @@ class JobGuard:
         logger.info("job %s output: %r", job_id, text)
 
 
-def build_guard(settings: Settings, app: Celery, client: redis.Redis, runner,
+def build_guard(settings: Settings, app: Celery, store: JobStore, runner,
                 worker_name: str) -> JobGuard:
-    """Wire leases, reaper and guard for one worker, and start its lease thread."""
+    """Wire leases, reaper and guard for one worker, on the runner's store, and start its
+    lease thread."""
     from tasks.worker.app import send_job  # tasks.worker.app imports this module
     from tasks.worker.metrics import count_restart
 
     queues = {name: spec.queue for name, spec in
               load_registry(settings.models_file, settings.default_model).models.items()}
-    store = JobStore(client, settings.job_ttl_seconds, settings.redis_retry_seconds)
-    book = LeaseBook(client, worker_name, settings.lease_seconds)
+    book = LeaseBook(store.redis, worker_name, settings.lease_seconds)
 
     def send(job: Job) -> None:
         send_job(app, job, queues[job.model])

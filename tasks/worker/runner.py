@@ -98,7 +98,8 @@ class JobRunner:
 
     def run(self, job: Job, fence: int = 0) -> None:
         """Run a job to its end as attempt `fence` (0: unfenced); every failure becomes an error
-        event, never an exception. A stale attempt stops as soon as its log refuses a write."""
+        event, never an exception (a lost Redis aside: the guard hands the job back). A stale
+        attempt stops as soon as its log refuses a write."""
         with self._cancel_event(job.id) as cancel:  # watched first: no cancel slips past
             start = self._store.start(job.id, StatusEvent(JobState.STARTED, self._worker_name),
                                       fence)
@@ -116,7 +117,6 @@ class JobRunner:
         if self._store.append(job.id, outcome, fence) is None:
             logger.warning("job %s: its log refused attempt %d's end; another attempt has it",
                            job.id, fence)
-        self._store.forget(job.id, fence)
 
     def interrupt(self, job_id: str) -> None:
         """Stop the job's generation at its next step (this worker lost its lease)."""
