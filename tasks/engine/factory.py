@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from model_store.registry import ModelSpec
+from model_store.registry import Backend, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class EngineInfo:
 def engine_options(settings, spec: ModelSpec, cpus: frozenset[int] = frozenset()) -> EngineOptions:
     """The engine options a worker's settings (dawet.settings.Settings) and its model choose,
     with the CPUs the engine process keeps to (empty: any). A vllm model runs vLLM's engine."""
-    kind = "vllm" if spec.backend.value == "vllm" else settings.engine
+    kind = "vllm" if spec.backend is Backend.VLLM else settings.engine
     return EngineOptions(kind, settings.max_batch_size, settings.kv_cache_tokens,
                          settings.torch_threads, settings.log_level, cpus)
 

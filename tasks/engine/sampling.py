@@ -34,7 +34,7 @@ class Sampler:
         if they cannot be sampled."""
         token = sample_batch([self], logits)[0]
         if token is None:
-            raise NonFiniteLogits("the model's scores for the next token are not finite")
+            raise NonFiniteLogits()
         return token
 
     def seen(self, vocab_size: int) -> torch.Tensor:
@@ -53,6 +53,9 @@ class Sampler:
 
 class NonFiniteLogits(ArithmeticError):
     """The model gave a row NaN or infinite scores: nothing can be sampled from it."""
+
+    def __init__(self):
+        super().__init__("the model's scores for the next token are not finite")
 
 
 def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int | None]:

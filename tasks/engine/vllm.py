@@ -152,7 +152,7 @@ class VllmEngine:
 
     def _abort_stopped(self) -> None:
         """Abort the requests that were cancelled or whose sinks asked to stop."""
-        stopped = [rid for rid, run in self._runs.items() if run.ended or run.cancel.is_set()]
+        stopped = [rid for rid, run in self._runs.items() if run.stopped]
         if stopped:
             self._llm.abort_request(stopped)
         for rid in stopped:

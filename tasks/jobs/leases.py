@@ -53,10 +53,12 @@ end
 redis.call('SET', KEYS[3], now)
 """
 
-_JOB = "local job = 'dawet:job:{' .. ARGV[1] .. '}'\n"  # the job's hash (tasks/jobs/log.py)
+# A job's hash, as tasks/jobs/log.py names it
+_JOB_KEY = "local function job_key(id) return 'dawet:job:{' .. id .. '}' end\n"
 
 # A new attempt: 0 if another worker's lease is live or the job's record is gone, else its fence
-_CLAIM = _NOW + _JOB + """
+_CLAIM = _NOW + _JOB_KEY + """
+local job = job_key(ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if score and tonumber(score) > now then return 0 end
 if redis.call('EXISTS', job) == 0 then return 0 end
@@ -86,11 +88,11 @@ return 1
 """
 
 # Lapsed leases: each removed, its attempt fenced out; returns [job, attempts so far, ...]
-_REAP = _CATCH_UP + """
+_REAP = _CATCH_UP + _JOB_KEY + """
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local found = {}
 for _, id in ipairs(lapsed) do
-  local job = 'dawet:job:{' .. id .. '}'
+  local job = job_key(id)
   redis.call('ZREM', KEYS[1], id)
   redis.call('HDEL', KEYS[2], id)
   if redis.call('EXISTS', job) == 1 then redis.call('HINCRBY', job, 'fence', 1) end
@@ -125,8 +127,9 @@ class LeaseBook:
         return int(self._call("claim", job_id, self.owner, self._lease_ms))
 
     def renew(self, job_ids: list[str]) -> set[str]:
-        """Extend these jobs' leases; returns the ones this owner no longer holds. Called with
-        none, it still tells Redis that this worker reached it."""
+        """Extend these jobs' leases; returns the ones this owner no longer holds."""
+        if not job_ids:
+            return set()  # the reap that follows in the same beat notes this worker's visit
         return {as_text(j) for j in self._call("renew", self.owner, self._lease_ms, *job_ids)}
 
     def release(self, job_id: str) -> None:

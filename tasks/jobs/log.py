@@ -166,10 +166,11 @@ class JobStore:
 
     def _append_call(self, job_id: str, event: Event, fence: int = 0) -> dict[str, list]:
         """The append script's keys and arguments; an attempt's write takes its next number."""
-        terminal = "1" if event.to_dict()["type"] in TERMINAL_TYPES else "0"
+        data = event.to_dict()
+        terminal = "1" if data["type"] in TERMINAL_TYPES else "0"
         return {"keys": [_job_key(job_id), _log_key(job_id), LEASES_KEY, OWNERS_KEY],
-                "args": [json.dumps(event.to_dict()), self.ttl, wake_channel(job_id), fence,
-                         terminal, job_id, self._number(job_id, fence)]}
+                "args": [json.dumps(data), self.ttl, wake_channel(job_id), fence, terminal,
+                         job_id, self._number(job_id, fence)]}
 
     def _number(self, job_id: str, fence: int) -> int:
         if not fence:
@@ -199,16 +200,16 @@ class JobStore:
         """Run `commands(pipe)` in one round trip and return the replies. The append script
         goes by its digest: a Script in a pipeline costs a SCRIPT EXISTS round trip first, on
         every execution. If Redis lost its scripts (a restart), load it and run them again."""
-        for attempt in (1, 2):
-            with self.redis.pipeline(transaction=False) as pipe:
-                commands(pipe)
-                try:
-                    return pipe.execute()
-                except redis.exceptions.NoScriptError:
-                    if attempt == 2:
-                        raise
-                    self.redis.script_load(_APPEND)
-        return []
+        try:
+            return self._execute(commands)
+        except redis.exceptions.NoScriptError:
+            self.redis.script_load(_APPEND)
+            return self._execute(commands)
+
+    def _execute(self, commands) -> list:
+        with self.redis.pipeline(transaction=False) as pipe:
+            commands(pipe)
+            return pipe.execute()
 
     def read(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """Events with seq > after, in order, each with its `seq`."""

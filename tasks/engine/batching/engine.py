@@ -177,8 +177,7 @@ class BatchingEngine:
         """Deliver the step for a sampled token; return whether the sequence ended. A row that
         could not be sampled (None: non-finite logits) fails alone; its batch goes on."""
         if token is None:
-            sequence.request.deliver(NonFiniteLogits("the model's scores for the next token "
-                                                     "are not finite"))
+            sequence.request.deliver(NonFiniteLogits())
             return True
         step = sequence.accept(token)
         sequence.request.deliver(step)
