@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.openai_load import LoadResult, run_load
-from bench.pipeline import ROOT, median, median_run, paired_ratios
+from bench.pipeline import ROOT, median, median_run, paired_ratios, table_head
 from bench.vllm_server import vllm_server
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
@@ -76,15 +76,15 @@ def run_pairs(urls: dict[str, str], clients: int, args: argparse.Namespace) -> d
         logger.info("C=%d repeat %d: dawet %.0f, vllm %.0f tok/s", clients, repeat,
                     runs["dawet"][-1].tokens_per_second, runs["vllm"][-1].tokens_per_second)
     ttft = [d.ttft_ms(0.5) / v.ttft_ms(0.5) for d, v in zip(runs["dawet"], runs["vllm"])]
+    pairs = paired_ratios(runs["dawet"], runs["vllm"])
     return {"clients": clients, **{side: median_run(runs[side]) for side in SIDES},
-            "throughput": median(paired_ratios(runs["dawet"], runs["vllm"])),
-            "ttft": median(ttft), "pairs": paired_ratios(runs["dawet"], runs["vllm"])}
+            "throughput": median(pairs), "ttft": median(ttft), "pairs": pairs}
 
 
 def format_table(rows: list[dict]) -> str:
     head = ("| C | Dawet (vllm backend) tok/s | TTFT p50 ms | TTFT p99 ms | vLLM server tok/s "
             "| TTFT p50 ms | TTFT p99 ms | tok/s Dawet / vLLM | TTFT p50 Dawet / vLLM |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines = table_head(head)
     for row in rows:
         dawet, vllm = row["dawet"], row["vllm"]
         lines.append(f"| {row['clients']} | {dawet.tokens_per_second:.0f} "

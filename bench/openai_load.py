@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.pipeline import Result, median_run
+from bench.pipeline import Result, median_run, table_head
 
 logger = logging.getLogger("bench.openai_load")
 
@@ -136,8 +136,8 @@ def bench(base_url: str, model: str, args: argparse.Namespace) -> list[tuple[int
 
 def format_table(rows: list[tuple[int, LoadResult]], tokens: int) -> str:
     """A Markdown table of the median runs."""
-    lines = ["| C | tok/s | TTFT p50 ms | TTFT p99 ms | requests | not T tokens | counted by |",
-             "|---|---|---|---|---|---|---|"]
+    lines = table_head("| C | tok/s | TTFT p50 ms | TTFT p99 ms | requests | not T tokens "
+                       "| counted by |")
     for clients, r in rows:
         lines.append(f"| {clients} | {r.tokens_per_second:.0f} | {r.ttft_ms(0.5):.0f} "
                      f"| {r.ttft_ms(0.99):.0f} | {len(r.counts)} | {r.off(tokens)} "

@@ -202,12 +202,17 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace,
     return rows
 
 
+def table_head(head: str) -> list[str]:
+    """A Markdown table's header row and the separator row under it."""
+    return [head, "|" + "---|" * (head.count("|") - 1)]
+
+
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of the runs."""
     head = ("| model | C | pipeline tok/s | TTFT p50 ms | TTFT p99 ms | in-process tok/s "
             "| in-process TTFT p99 ms | sequential tok/s | pipeline / in-process "
             "| pipeline / sequential |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines = table_head(head)
     for row in rows:
         pipe, ceiling, seq = row["pipeline"], row["in-process"], row["sequential"]
         to_ceiling, to_sequential = row["ratios"]

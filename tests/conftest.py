@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 import websocket
@@ -41,10 +42,7 @@ def stack_settings() -> Settings:
 def stack(stack_settings: Settings) -> Iterator[Stack]:
     """Redis, one worker for the demo model and the API, as `dawet run` starts them."""
     _require_demo_model()
-    log_dir = ARTIFACTS / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for old in log_dir.glob("*.log"):
-        old.unlink()
+    log_dir = fresh_log_dir("logs")
     running = Stack(stack_settings, log_dir=log_dir).start()
     yield running
     running.stop()
@@ -59,6 +57,21 @@ def redis_client(stack: Stack) -> redis.Redis:
 def api(stack: Stack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=stack.api_url, timeout=30) as client:
         yield client
+
+
+def fresh_log_dir(name: str) -> Path:
+    """test-artifacts/<name>, emptied of the last run's logs."""
+    log_dir = ARTIFACTS / name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in log_dir.glob("*.log"):
+        old.unlink()
+    return log_dir
+
+
+def engine_process_of(worker_pid: int) -> psutil.Process:
+    """The engine process (tasks.engine.host) that a worker started."""
+    children = psutil.Process(worker_pid).children(recursive=True)
+    return next(p for p in children if "tasks.engine.host" in " ".join(p.cmdline()))
 
 
 def submit(api: httpx.Client, **body) -> dict:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import websocket
 
-from conftest import ARTIFACTS, DEMO_MODEL, MODELS_FILE, stream_events, submit
+from conftest import DEMO_MODEL, MODELS_FILE, fresh_log_dir, stream_events, submit
 from dawet.processes import Child, Stack, find_redis_server, free_port, redis_argv, wait_until
 from dawet.settings import Settings
 
@@ -52,10 +52,7 @@ def _answers(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def outage() -> Iterator[tuple[Stack, OwnRedis]]:
-    log_dir = ARTIFACTS / "logs-outage"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for old in log_dir.glob("*.log"):
-        old.unlink()
+    log_dir = fresh_log_dir("logs-outage")
     own = OwnRedis(log_dir)
     own.start()
     settings = Settings(redis_url=own.url, models_file=MODELS_FILE, default_model=DEMO_MODEL,

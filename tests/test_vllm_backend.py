@@ -16,7 +16,8 @@ import psutil
 import pytest
 import redis
 
-from conftest import ARTIFACTS, MODELS_FILE, ROOT, stream_events, token_text, wait_until
+from conftest import (MODELS_FILE, ROOT, engine_process_of, fresh_log_dir, stream_events,
+                      token_text, wait_until)
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 from model_store.registry import ModelSpec, load_registry
@@ -48,10 +49,7 @@ def vllm_stack() -> Iterator[Stack]:
     settings = Settings(models_file=MODELS_FILE, default_model=MODEL, api_port=free_port(),
                         api_workers=1, worker_concurrency=8, heartbeat_seconds=0.5,
                         lease_seconds=2.0, lease_refresh_seconds=0.3)
-    log_dir = ARTIFACTS / "logs-vllm"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for old in log_dir.glob("*.log"):
-        old.unlink()
+    log_dir = fresh_log_dir("logs-vllm")
     running = Stack(settings, models=[MODEL, MODEL], log_dir=log_dir, ready_timeout=600).start()
     yield running
     running.stop()
@@ -150,7 +148,7 @@ def test_a_killed_engine_exits_its_worker_and_its_job_runs_again_on_the_other(ap
                     temperature=0.0)
     ws_events = _until_first_token(job)
     worker = vllm_stack.child(_worker_of(ws_events).split("-", 1)[0])
-    engine = _engine_process(worker)
+    engine = engine_process_of(worker.process.pid)
     started_by_engine = engine.children(recursive=True)
     engine.send_signal(signal.SIGKILL)
     assert worker.process.wait(30) != 0  # the worker exits with its engine
@@ -184,11 +182,6 @@ def _until_first_token(job: dict) -> list[dict]:
 
 def _worker_of(events: list[dict]) -> str:
     return next(e["worker"] for e in events if e.get("state") == "started")
-
-
-def _engine_process(worker) -> psutil.Process:
-    children = psutil.Process(worker.process.pid).children(recursive=True)
-    return next(p for p in children if "tasks.engine.host" in " ".join(p.cmdline()))
 
 
 def _batch_size(stack: Stack) -> float:

@@ -13,7 +13,8 @@ import pytest
 import redis
 import websocket
 
-from conftest import ARTIFACTS, DEMO_MODEL, MODELS_FILE, stream_events, submit, token_text
+from conftest import (DEMO_MODEL, MODELS_FILE, engine_process_of, fresh_log_dir, stream_events,
+                      submit, token_text)
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 from tasks.worker.app import GENERATE_TASK, create_celery
@@ -31,10 +32,7 @@ def pair() -> Iterator[Stack]:
     settings = Settings(models_file=MODELS_FILE, default_model=DEMO_MODEL, api_port=free_port(),
                         api_workers=1, worker_concurrency=2, heartbeat_seconds=0.5,
                         lease_seconds=2.0, lease_refresh_seconds=0.3, engine_stall_seconds=3.0)
-    log_dir = ARTIFACTS / "logs-faults"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for old in log_dir.glob("*.log"):
-        old.unlink()
+    log_dir = fresh_log_dir("logs-faults")
     running = Stack(settings, models=[DEMO_MODEL, DEMO_MODEL], log_dir=log_dir).start()
     yield running
     running.stop()
@@ -175,9 +173,7 @@ def test_a_job_that_kills_its_engine_every_time_ends_with_worker_lost(pair, api,
         while [e.get("state") for e in events].count("started") < attempt:
             events.append(json.loads(ws.recv()))
         victim = _runner_of(pair, events[-1:])
-        engine = next(p for p in psutil.Process(victim.process.pid).children(recursive=True)
-                      if "tasks.engine.host" in " ".join(p.cmdline()))
-        engine.kill()
+        engine_process_of(victim.process.pid).kill()
         victim.process.wait(30)
         pair.add_worker(DEMO_MODEL)
     events = _read_to_end(ws, events)
@@ -192,8 +188,7 @@ def test_a_worker_whose_engine_hangs_exits_and_its_job_runs_on_the_other(pair, a
     job = submit(api, **LONG)
     ws, events = _start_and_watch(job)
     worker = _runner_of(pair, events)
-    engine = next(p for p in psutil.Process(worker.process.pid).children(recursive=True)
-                  if "tasks.engine.host" in " ".join(p.cmdline()))
+    engine = engine_process_of(worker.process.pid)
     engine.suspend()  # a hang, not a crash: the process lives and sends nothing
     assert worker.process.wait(30) == 75  # the watchdog's exit, after engine_stall_seconds
     events = _read_to_end(ws, events)
