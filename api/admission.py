@@ -4,6 +4,7 @@ queue limit, and Idempotency-Key replays. Counters live in Redis, shared by ever
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -15,6 +16,7 @@ from flask import g, request
 from kombu.exceptions import ChannelError
 
 from api.errors import APIError
+from api.keys import EVERYONE
 from dawet.settings import Settings
 from model_store.registry import ModelSpec
 
@@ -22,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# How long a claimed Idempotency-Key waits for its job: an API process that dies in between
+# blocks the key this long, not for the job TTL.
+IDEMPOTENCY_CLAIM_SECONDS = 60
 RATE_WINDOW_SECONDS = 60
 QUEUE_FULL_RETRY_AFTER_SECONDS = 5
 QUEUE_ESTIMATE_SECONDS = 1.0  # how long a queue count may be reused, far from the limit
@@ -44,13 +49,18 @@ return 0
 
 
 def client_identity() -> str:
-    """Who a request counts against: its API key's digest, else the client's address."""
-    return g.get("api_key_digest") or f"addr:{request.remote_addr}"
+    """Who a request counts against: its API key's name, or the client's address while
+    authentication is off."""
+    who = g.get("principal")
+    if who is None or who is EVERYONE:
+        return f"addr:{request.remote_addr}"
+    return f"key:{who.name}"
 
 
-def too_many(message: str, code: str, retry_after: float) -> APIError:
+def too_many(message: str, code: str, retry_after: float,
+             type: str = "rate_limit_error") -> APIError:
     """A 429 with a Retry-After header in whole seconds."""
-    return APIError(429, message, code, "rate_limit_error",
+    return APIError(429, message, code, type,
                     headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
@@ -67,7 +77,6 @@ class Admission:
 
     def __init__(self, settings: Settings, client: redis.Redis, celery: Celery):
         self.settings, self._redis, self._celery = settings, client, celery
-        self._scopes = settings.api_key_scopes()
         self._rate = client.register_script(_RATE)
         self._queue_estimates: dict[str, tuple[int, float]] = {}  # queue -> (jobs, read at)
         self._lock = threading.Lock()
@@ -75,8 +84,7 @@ class Admission:
 
     def check_model_access(self, spec: ModelSpec) -> None:
         """A 403 when the request's API key is scoped to other models."""
-        allowed = self._scopes.get(g.get("api_key_digest"))
-        if allowed is not None and spec.name not in allowed:
+        if not g.principal.may_use(spec.name):
             raise APIError(403, f"this API key may not use model {spec.name!r}",
                            "model_not_allowed", "permission_error", param="model")
 
@@ -134,14 +142,26 @@ class Admission:
                 return 0
 
     def claim_idempotency_key(self, job_id: str) -> str | None:
-        """Bind the request's Idempotency-Key to `job_id`; the job id it already names, if any."""
+        """Bind the request's Idempotency-Key to this request and `job_id` for a while; the
+        job id it already names, if any. A 422 when the key was used for another request, a
+        409 while the request that claimed it is still being admitted."""
         key = self._idempotency_key()
         if key is None:
             return None
-        if self._redis.set(key, job_id, nx=True, ex=self.settings.job_ttl_seconds):
+        claim = {"request": _request_digest(), "job": job_id, "created": False}
+        if self._redis.set(key, json.dumps(claim), nx=True, ex=IDEMPOTENCY_CLAIM_SECONDS):
             return None
         existing = self._redis.get(key)
-        return existing.decode() if isinstance(existing, bytes) else existing
+        if existing is None:  # it expired just now: claim it again
+            return self.claim_idempotency_key(job_id)
+        return _replay(json.loads(existing), claim["request"])
+
+    def confirm_idempotency_key(self, job_id: str) -> None:
+        """The job is queued: the key names it for as long as the job lives."""
+        key = self._idempotency_key()
+        if key is not None:
+            claim = {"request": _request_digest(), "job": job_id, "created": True}
+            self._redis.set(key, json.dumps(claim), ex=self.settings.job_ttl_seconds)
 
     def release_idempotency_key(self) -> None:
         """Forget the key of a submission that was refused, so its retry is admitted afresh."""
@@ -159,3 +179,22 @@ class Admission:
                            param=IDEMPOTENCY_HEADER)
         digest = hashlib.sha256(raw.encode()).hexdigest()
         return f"dawet:idempotency:{client_identity()}:{digest}"
+
+
+def _request_digest() -> str:
+    """What an Idempotency-Key is bound to: the route and the exact body."""
+    digest = hashlib.sha256(f"{request.method} {request.path}\n".encode())
+    digest.update(request.get_data())
+    return digest.hexdigest()
+
+
+def _replay(claim: dict, request_digest: str) -> str:
+    """The job id of an earlier request with this Idempotency-Key, if it was this request."""
+    if claim["request"] != request_digest:
+        raise APIError(422, f"this {IDEMPOTENCY_HEADER} was used for a different request; "
+                       "use a new key for a new request", "idempotency_key_reused",
+                       param=IDEMPOTENCY_HEADER)
+    if not claim["created"]:
+        raise APIError(409, f"a request with this {IDEMPOTENCY_HEADER} is still being "
+                       "admitted; retry shortly", "idempotency_key_in_use")
+    return claim["job"]

@@ -1,4 +1,8 @@
-"""Optional API keys: a Bearer token whose SHA-256 digest is in DAWET_API_KEYS."""
+"""Optional API keys: a Bearer token whose SHA-256 digest is an accepted key (api/keys.py).
+
+Every /v1 request gets `g.principal`, the key's holder, whom ownership, model scopes, usage
+and budgets are about. With authentication off, everyone is EVERYONE, who sees everything.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,20 +10,34 @@ import hashlib
 from flask import g, request
 
 from api.errors import APIError
+from api.keys import EVERYONE, Principal
 from api.services import services
 
 
 def require_api_key() -> None:
     """Reject the request with a 401 unless auth is off or it carries an accepted key."""
-    scopes = services().api_key_scopes
-    if not scopes:
+    keys = services().keys
+    if not keys.enabled:
+        g.principal = EVERYONE
         return
-    # Digests, not keys, are compared: a timing difference reveals nothing about a key.
-    digest = _digest(_bearer_token() or _websocket_token())
-    if digest not in scopes:
+    # Digests, not keys, are looked up: a timing difference reveals nothing about a key.
+    principal = keys.principal(_digest(_bearer_token() or _websocket_token()))
+    if principal is None:
         raise APIError(401, "a valid API key is required: send `Authorization: Bearer <key>`",
                        "invalid_api_key")
-    g.api_key_digest = digest
+    g.principal = principal
+
+
+def principal() -> Principal:
+    """Who the current request is."""
+    return g.principal
+
+
+def owned(owner: str | None, not_found: APIError) -> None:
+    """Raise `not_found` unless the current principal may see a resource of `owner`: another
+    key's resource does not exist for it, so that its existence is not revealed."""
+    if not principal().may_see(owner):
+        raise not_found
 
 
 def require_api_key_under_v1() -> None:

@@ -13,15 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, current_app, g, render_template
 from kombu.exceptions import OperationalError
 from simple_websocket import ConnectionClosed
 
-from api.auth import require_api_key_under_v1
+from api.auth import principal, require_api_key_under_v1
 from api.conversations import Conversation, Turn, fit_history
 from api.errors import APIError, invalid
 from api.extensions import sock
-from api.jobs import existing_job_id, relay_events
+from api.jobs import relay_events
+from api.keys import Principal
+from api.openai import usable_models
 from api.schemas import (ChatCancel, ChatFrame, ChatRegenerate, ChatResume, ChatSend,
                          SamplingFields, parse_chat_frame)
 from api.services import Services, check_context, services
@@ -42,13 +44,13 @@ def page():
 
 @bp.get("/v1/chat/models")
 def chat_models():
-    """List the served models with the limits and system prompt the chat page needs."""
-    registry = services().registry
+    """List the models the key may use with the limits and system prompt the chat page needs."""
+    svc = services()
     models = [{"name": spec.name, "context_length": spec.context_length,
                "max_new_tokens_limit": spec.max_new_tokens_limit,
                "system_prompt": spec.system_prompt, "defaults": spec.defaults.model_dump()}
-              for spec in registry.models.values()]
-    return {"default": registry.default_name, "models": models}
+              for spec in usable_models(svc)]
+    return {"default": svc.registry.default_name, "models": models}
 
 
 @bp.get("/v1/conversations/<conversation_id>")
@@ -83,7 +85,7 @@ def editing(svc: Services, conversation_id: str | None,
             model: str | None = None) -> Iterator[Conversation]:
     """Lock, load and settle a conversation (a new one for None); save it if all went well."""
     if conversation_id is None:
-        conversation = Conversation(model=svc.model(model).name)
+        conversation = Conversation(model=svc.model(model).name, owner=principal().name)
         yield conversation
         svc.conversations.save(conversation)
         return
@@ -138,13 +140,14 @@ def _queue_reply(svc: Services, conversation: Conversation, user: str,
         lambda messages: svc.chat_prompt_ids(spec, messages, conversation.system_prompt),
         spec.context_length - params.max_new_tokens)
     check_context(spec, len(prompt_ids), params, "content")
-    job = svc.admit(spec, prompt_ids, params)  # the same limits as every other submission
+    job = svc.admit(principal(), spec, prompt_ids, params)  # the limits of every submission
     return Turn(user=user, job_id=job.id, model=spec.name, context_turns=kept)
 
 
 def _existing(svc: Services, conversation_id: str) -> Conversation:
+    """The conversation, if the key may see it: another key's conversation is not found."""
     conversation = svc.conversations.load(conversation_id)
-    if conversation is None:
+    if conversation is None or not principal().may_see(conversation.owner):
         raise APIError(404, f"conversation {conversation_id!r} does not exist or has expired",
                        "conversation_not_found", param="conversation_id")
     return conversation
@@ -173,6 +176,7 @@ class ChatSession:
     def __init__(self, ws, svc: Services):
         self.ws, self.out, self.svc = ws, _LockedSocket(ws), svc
         self.app = current_app._get_current_object()
+        self.principal: Principal = principal()  # for the relay thread's app context
         self.job_id: str | None = None
         self.relay: threading.Thread | None = None
 
@@ -208,7 +212,7 @@ class ChatSession:
             return
         self.wait_for_relay()
         if isinstance(frame, ChatResume):
-            existing_job_id(frame.job_id)
+            self.svc.visible_job(self.principal, frame.job_id)
             return self.start(frame.conversation_id, frame.job_id, frame.after)
         conversation, turn = (send if isinstance(frame, ChatSend) else regenerate)(self.svc, frame)
         self.start(conversation.id, turn.job_id, 0, turn.context_turns)
@@ -240,6 +244,7 @@ class ChatSession:
 
     def _relay(self, conversation_id: str | None, job_id: str, after: int) -> None:
         with self.app.app_context():
+            g.principal = self.principal
             try:
                 relay_events(self.out, job_id, after)
             except ConnectionClosed:

@@ -58,6 +58,7 @@ class Turn(BaseModel):
 class Conversation(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     model: str
+    owner: str | None = None  # the name of the API key that started it
     system_prompt: str | None = None  # None: the model's default
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)

@@ -20,10 +20,11 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
                    "code": {"type": "string"}, "param": {"type": ["string", "null"]}}}}}
 # What each refusal means, by status, for every route that may answer it.
 ERRORS = {"400": "invalid request", "401": "missing or invalid API key",
-          "403": "the API key may not use this model", "404": "unknown model, job or route",
+          "403": "the API key may not use this model, or read this usage",
+          "404": "unknown model, job, conversation or route (another key's are unknown too)",
           "409": "an Idempotency-Key still being admitted", "413": "request body too large",
-          "422": "the chat template refuses the messages",
-          "429": "rate limit or queue limit; see Retry-After",
+          "422": "the chat template refuses the messages, or an Idempotency-Key is reused",
+          "429": "rate limit, queue limit or daily token budget; see Retry-After",
           "503": "Redis, the broker or the model's workers are unavailable"}
 
 
@@ -61,6 +62,10 @@ def _paths() -> dict[str, Any]:
         "/v1/models/{model_id}": {"parameters": [_path_param("model_id")],
                                   "get": _operation("200", "one model", "404")},
         "/v1/chat/models": {"get": _operation("200", "models for the chat page")},
+        "/v1/usage": {"parameters": [_query_param(name) for name in
+                                     ("start_date", "end_date", "key")],
+                      "get": _operation("200", "requests and tokens per key, model and day, "
+                                        "and the key's budget", "400", "403")},
         "/v1/conversations/{conversation_id}": {
             "parameters": [_path_param("conversation_id")],
             "get": _operation("200", "the conversation and its turns", "404"),
@@ -104,3 +109,8 @@ def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 def _path_param(name: str) -> dict[str, Any]:
     """A required string path parameter."""
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query_param(name: str) -> dict[str, Any]:
+    """An optional string query parameter."""
+    return {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}

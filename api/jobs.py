@@ -7,8 +7,8 @@ import logging
 from flask import Blueprint, request, url_for
 from simple_websocket import ConnectionClosed
 
-from api.auth import require_api_key
-from api.errors import APIError, job_not_found
+from api.auth import principal, require_api_key
+from api.errors import APIError
 from api.extensions import sock
 from api.metrics import OPEN_STREAMS, count_admission
 from api.schemas import GenerateRequest
@@ -24,7 +24,8 @@ bp.before_request(require_api_key)
 @count_admission
 def create_generation():
     """Validate a generation request and queue it as a job."""
-    job = services().submit_generation(GenerateRequest.model_validate_json(request.get_data()))
+    body = GenerateRequest.model_validate_json(request.get_data())
+    job = services().submit_generation(principal(), body)
     status_url = url_for("jobs.get_job", job_id=job.id, _external=True)
     stream_url = url_for("jobs.stream_job", job_id=job.id, _external=True)
     return {"id": job.id, "model": job.model, "status": "queued", "status_url": status_url,
@@ -34,9 +35,8 @@ def create_generation():
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
     """Return a job's state and its text so far (or final text), usage and timings."""
-    events = services().store.read_existing(job_id)
-    if events is None:
-        raise job_not_found(job_id)
+    svc = services()
+    events = svc.store.read(svc.visible_job(principal(), job_id))
     view = JobView(job_id)
     for event in events:
         view.apply(event)
@@ -46,7 +46,8 @@ def get_job(job_id: str):
 @bp.delete("/jobs/<job_id>")
 def cancel_job(job_id: str):
     """Ask the job's worker to stop it; it ends with finish_reason `cancelled`."""
-    services().store.cancel(existing_job_id(job_id))
+    svc = services()
+    svc.store.cancel(svc.visible_job(principal(), job_id))
     return {"id": job_id, "cancel_requested": True}, 202
 
 
@@ -55,6 +56,7 @@ def stream_job(ws, job_id: str):
     """Send the job's events after `?after=<seq>` as JSON frames; close after done or error."""
     try:
         after = _after_param()
+        services().visible_job(principal(), job_id)
         with OPEN_STREAMS.labels("websocket").track_inprogress():
             relay_events(ws, job_id, after)
     except APIError as exc:
@@ -74,9 +76,3 @@ def _after_param() -> int:
         raise APIError(400, "after must be a non-negative integer sequence number",
                        "invalid_request_error", param="after")
     return int(raw)
-
-
-def existing_job_id(job_id: str) -> str:
-    if not services().store.exists(job_id):
-        raise job_not_found(job_id)
-    return job_id

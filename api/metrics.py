@@ -16,7 +16,7 @@ import redis
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest, multiprocess)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 
 from api.errors import APIError, from_validation_error
@@ -45,6 +45,7 @@ OPEN_STREAMS = Gauge("dawet_open_streams", "Event streams open to clients.", ["t
 def init_app(app: Flask) -> None:
     """Time every request and serve /metrics (call after the app's Services exist)."""
     app.extensions["dawet_backlog"] = BacklogCollector(app.extensions["dawet"])
+    app.extensions["dawet_usage"] = UsageCollector(app.extensions["dawet"])
     app.before_request(_start_timer)
     app.after_request(_count_request)
     app.register_blueprint(bp)
@@ -93,6 +94,7 @@ def metrics():
     """Expose every API process's metrics plus queue depth and live workers, read now."""
     registry = _process_registry()
     registry.register(current_app.extensions["dawet_backlog"])
+    registry.register(current_app.extensions["dawet_usage"])
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
@@ -146,3 +148,28 @@ class BacklogCollector:
             logger.warning("metrics: Redis unreachable; no queue depth or live workers this scrape")
             return
         yield from (depth, live)
+
+
+class UsageCollector:
+    """Requests and tokens per API key name and model since the service began, read from
+    Redis at scrape time (one hash of keys x models, whatever the history)."""
+
+    def __init__(self, svc: "Services"):
+        self._svc = svc
+
+    def collect(self):
+        requests = CounterMetricFamily("dawet_usage_requests", "Requests admitted, by API key "
+                                       "name and model.", labels=["key", "model"])
+        tokens = CounterMetricFamily("dawet_usage_tokens", "Tokens used, by API key name, "
+                                     "model and kind (prompt, completion).",
+                                     labels=["key", "model", "kind"])
+        try:
+            rows = self._svc.usage.total()
+        except redis.RedisError:
+            logger.warning("metrics: Redis unreachable; no usage this scrape")
+            return
+        for row in rows:
+            requests.add_metric([row.key, row.model], row.requests)
+            tokens.add_metric([row.key, row.model, "prompt"], row.prompt_tokens)
+            tokens.add_metric([row.key, row.model, "completion"], row.completion_tokens)
+        yield from (requests, tokens)

@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from api.auth import require_api_key
+from api.auth import principal, require_api_key
 from api.errors import APIError
 from api.metrics import count_admission, counted_stream
 from api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
@@ -124,17 +124,22 @@ def create_completion():
 
 @bp.get("/models")
 def list_models():
-    """List the registry's models, each with whether a live worker serves it."""
+    """List the registry's models that the key may use, each with whether a live worker
+    serves it."""
     svc = services()
-    return {"object": "list", "data": [_model_card(svc, spec)
-                                       for spec in svc.registry.models.values()]}
+    return {"object": "list", "data": [_model_card(svc, spec) for spec in usable_models(svc)]}
 
 
 @bp.get("/models/<path:model_id>")
 def get_model(model_id: str):
-    """Describe one registry model."""
+    """Describe one registry model (a model the key may not use does not exist for it)."""
     svc = services()
-    return _model_card(svc, svc.model(model_id))
+    return _model_card(svc, svc.usable_model(principal(), model_id))
+
+
+def usable_models(svc: Services) -> list[ModelSpec]:
+    """The registry's models that the current key may use."""
+    return [spec for spec in svc.registry.models.values() if principal().may_use(spec.name)]
 
 
 def _model_card(svc: Services, spec: ModelSpec) -> dict[str, Any]:
@@ -146,7 +151,7 @@ def _model_card(svc: Services, spec: ModelSpec) -> dict[str, Any]:
 def _complete(body: OpenAIRequest, shape: type[ChatShape] | type[TextShape]):
     """Submit the job; answer with its whole completion, or stream it."""
     svc = services()
-    job = svc.submit_generation(body, require_worker=True)
+    job = svc.submit_generation(principal(), body, require_worker=True)
     reply = Reply(shape, job, body.include_usage)
     if body.stream:
         headers = {JOB_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -12,18 +12,22 @@ import redis
 from celery import Celery
 from flask import current_app
 
-from api.admission import Admission
+from api.admission import Admission, too_many
 from api.conversations import ConversationStore
 from api.errors import APIError, invalid, job_not_found
+from api.keys import KeyRing, KeyStore, Principal
+from api.offload import off_loop
 from api.metrics import note_admitted
 from api.schemas import GenerationRequest, PromptInput
 from dawet.settings import Settings
 from model_store.registry import ModelSpec, Registry, load_registry
 from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
 from tasks.worker.app import create_celery, send_job
-from tasks.jobs.contract import ErrorBody, ErrorEvent, Job, JobState, SamplingParams, StatusEvent
+from tasks.jobs.contract import (Charge, ErrorBody, ErrorEvent, Job, JobState, SamplingParams,
+                                 StatusEvent)
 from tasks.jobs.feed import JobFeed, JobNotFound, StreamIdle, follow
 from tasks.jobs.log import JobStore
+from tasks.jobs.usage import DAY_SECONDS, BudgetExceeded, UsageBook
 from tasks.jobs.workers import WorkerRegistry
 
 STREAM_IDLE = ErrorBody("no event from the worker within the stream idle timeout",
@@ -47,17 +51,29 @@ class Services:
         self.conversations = ConversationStore(self.redis, settings.conversation_ttl_seconds)
         self.celery: Celery = create_celery(settings)
         self.admission = Admission(settings, self.redis, self.celery)
+        self.keys = KeyRing(settings, KeyStore(self.redis))
+        self.usage = UsageBook(self.redis, settings.usage_retention_days)
         self._tokenizers: dict[str, ChatTokenizer] = {}
         self._lock = threading.Lock()
-        self.api_key_scopes = settings.api_key_scopes()
         self.started_at = int(time.time())
 
     def model(self, name: str | None) -> ModelSpec:
         """The named registry model, or a 404 in the envelope."""
         spec = self.registry.get(name)
         if spec is None:
-            raise APIError(404, f"model {name!r} does not exist; see the registry",
-                           "model_not_found", param="model")
+            raise self._missing_model(name)
+        return spec
+
+    @staticmethod
+    def _missing_model(name: str | None) -> APIError:
+        return APIError(404, f"model {name!r} does not exist; see the registry",
+                        "model_not_found", param="model")
+
+    def usable_model(self, who: Principal, name: str | None) -> ModelSpec:
+        """As `model`, but a model that `who` may not use is as good as missing."""
+        spec = self.model(name)
+        if not who.may_use(spec.name):
+            raise self._missing_model(name)
         return spec
 
     def tokenizer(self, spec: ModelSpec) -> ChatTokenizer:
@@ -67,8 +83,9 @@ class Services:
                 self._tokenizers[spec.name] = ChatTokenizer(spec.path)
             return self._tokenizers[spec.name]
 
-    def submit_generation(self, request: GenerationRequest, require_worker: bool = False) -> Job:
-        """Validate against the model, admit, then record and queue the job.
+    def submit_generation(self, who: Principal, request: GenerationRequest,
+                          require_worker: bool = False) -> Job:
+        """Validate against the model, admit, then record and queue the job for `who`.
 
         With `require_worker`, answer 503 rather than queue for a model no live worker serves.
         A repeated Idempotency-Key returns the job it first created.
@@ -78,12 +95,15 @@ class Services:
         if existing is not None:
             return self._replayed(existing)
         try:
-            return self._admit(request, require_worker, job_id)
+            job = self._admit(who, request, require_worker, job_id)
         except BaseException:
             self.admission.release_idempotency_key()
             raise
+        self.admission.confirm_idempotency_key(job.id)
+        return job
 
-    def _admit(self, request: GenerationRequest, require_worker: bool, job_id: str) -> Job:
+    def _admit(self, who: Principal, request: GenerationRequest, require_worker: bool,
+               job_id: str) -> Job:
         """Check the request against the model and the limits, then queue it as `job_id`."""
         spec = self.model(request.model)
         self.admission.check_model_access(spec)
@@ -96,24 +116,50 @@ class Services:
                            "model_unavailable", "service_unavailable", param="model")
         if self.settings.log_prompts:
             logger.info("job %s prompt: %r", job_id, prompt)
-        return self.admit(spec, prompt_ids, params, getattr(request, "deadline_seconds", None),
-                          id=job_id)
+        return self.admit(who, spec, prompt_ids, params,
+                          getattr(request, "deadline_seconds", None), id=job_id)
 
-    def admit(self, spec: ModelSpec, prompt_ids: list[int], params: SamplingParams,
-              deadline_seconds: float | None = None, **fields: Any) -> Job:
-        """Apply the rate and queue limits, then queue the job with its start deadline."""
+    def admit(self, who: Principal, spec: ModelSpec, prompt_ids: list[int],
+              params: SamplingParams, deadline_seconds: float | None = None,
+              **fields: Any) -> Job:
+        """Apply the rate, queue and budget limits, then queue the job with its start
+        deadline, owned by `who`."""
         self.admission.check_rate(len(prompt_ids) + params.max_new_tokens)
         self.admission.check_queue(spec)
+        charge = self._charge(who, spec, len(prompt_ids) + params.max_new_tokens)
         seconds = deadline_seconds or self.settings.default_deadline_seconds
-        return self.enqueue(spec, prompt_ids, params,
-                            deadline_at=time.time() + seconds if seconds else None, **fields)
+        try:
+            return self.enqueue(spec, prompt_ids, params, owner=who.name, charge=charge,
+                                deadline_at=time.time() + seconds if seconds else None,
+                                **fields)
+        except BaseException:
+            self._refund(who, spec, charge)
+            raise
+
+    def _refund(self, who: Principal, spec: ModelSpec, charge: Charge) -> None:
+        try:
+            self.usage.refund(who.name, spec.name, charge)
+        except redis.RedisError:
+            logger.warning("could not refund a request of key %s; its hold lasts the day",
+                           who.name)
+
+    def _charge(self, who: Principal, spec: ModelSpec, cost: int) -> Charge:
+        """Count the request against `who`'s usage and hold its cost against the daily budget."""
+        budget = self.settings.daily_token_budget if who.daily_tokens is None else who.daily_tokens
+        try:
+            return self.usage.admit(who.name, spec.name, cost, budget)
+        except BudgetExceeded:
+            raise too_many(f"key {who.name!r} has spent its daily budget of {budget} tokens, or "
+                           f"this request's {cost} tokens (prompt + max tokens) would pass it",
+                           "budget_exceeded", DAY_SECONDS - time.time() % DAY_SECONDS,
+                           type="insufficient_quota") from None
 
     def _replayed(self, job_id: str) -> Job:
         """The job an earlier request with the same Idempotency-Key created."""
         job = self.store.load(job_id)
         if job is None:
-            raise APIError(409, "a request with this Idempotency-Key is still being admitted; "
-                           "retry shortly", "idempotency_key_in_use")
+            raise APIError(409, "the job of this Idempotency-Key has expired; use a new key",
+                           "idempotency_key_expired")
         return job
 
     def enqueue(self, spec: ModelSpec, prompt_ids: list[int], params: SamplingParams,
@@ -139,12 +185,21 @@ class Services:
             logger.warning("lost Redis while following job %s", job_id)
             yield ErrorEvent(LOG_LOST).to_dict()
 
+    def visible_job(self, who: Principal, job_id: str) -> str:
+        """`job_id` if the job exists and `who` may see it, else a 404 (whether it exists or
+        not, so that another key's job is not revealed)."""
+        exists, owner = self.store.owner(job_id)
+        if not (exists and who.may_see(owner)):
+            raise job_not_found(job_id)
+        return job_id
+
     def chat_prompt_ids(self, spec: ModelSpec, messages: list[Message],
                         system_prompt: str | None = None, param: str = "messages") -> list[int]:
         """Render messages with the model's chat template and system prompt, then encode them."""
         tokenizer = self.tokenizer(spec)
         try:
-            return tokenizer.encode(tokenizer.render(messages, system_prompt or spec.system_prompt))
+            return off_loop(_render_and_encode, tokenizer, messages,
+                            system_prompt or spec.system_prompt)
         except ChatTemplateError as exc:
             raise APIError(422, f"the chat template of model {spec.name} refuses these "
                            f"messages: {exc}", "chat_template_error", param=param) from exc
@@ -153,7 +208,13 @@ class Services:
         if prompt.text is None:
             return self.chat_prompt_ids(spec, list(prompt.messages), prompt.system_prompt,
                                         prompt.param)
-        return self.tokenizer(spec).encode_prompt(prompt.text)
+        return off_loop(self.tokenizer(spec).encode_prompt, prompt.text)
+
+
+def _render_and_encode(tokenizer: ChatTokenizer, messages: list[Message],
+                       system_prompt: str | None) -> list[int]:
+    return tokenizer.encode(tokenizer.render(messages, system_prompt))
+
 
 def check_context(spec: ModelSpec, prompt_tokens: int, params: SamplingParams,
                    param: str) -> None:

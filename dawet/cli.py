@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from dawet.keys_cli import add_key_commands, run_keys
 from dawet.processes import Stack, StartupError, api_argv, worker_argv
 from dawet.settings import get_settings
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("api", help="start the API under gunicorn")
     build = commands.add_parser("build-demo", help="build the offline demo models")
     build.add_argument("--out", default="var/models")
+    add_key_commands(commands.add_parser("keys", help="create, revoke and list API keys"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(name)s %(message)s")
     return COMMANDS[args.command](args)
@@ -66,7 +68,13 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_api(args: argparse.Namespace) -> int:
-    argv = api_argv(get_settings())
+    settings = get_settings()
+    if settings.require_api_keys and not (settings.api_keys or settings.admin_api_keys):
+        logger.error("refusing to start the API without API keys: DAWET_REQUIRE_API_KEYS is "
+                     "set but DAWET_API_KEYS and DAWET_ADMIN_API_KEYS are empty. Set one to "
+                     "the SHA-256 digest of a key, e.g. `printf %%s \"$KEY\" | sha256sum`.")
+        return 2
+    argv = api_argv(settings)
     os.execv(argv[0], argv)
 
 
@@ -76,7 +84,8 @@ def build_demo(args: argparse.Namespace) -> int:
     return build_main(["--out", args.out]) or 0
 
 
-COMMANDS = {"run": run_stack, "worker": run_worker, "api": run_api, "build-demo": build_demo}
+COMMANDS = {"run": run_stack, "worker": run_worker, "api": run_api, "build-demo": build_demo,
+            "keys": run_keys}
 
 if __name__ == "__main__":
     sys.exit(main())

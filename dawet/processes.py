@@ -210,6 +210,17 @@ class Stack:
         self._start_worker(model, index)
         return self.children[-1]
 
+    def add_api(self, **overrides) -> str:
+        """Start one more API process on this stack's Redis, e.g. with API keys; its URL."""
+        settings = Settings(**{**self.settings.model_dump(), "api_port": free_port(),
+                               "api_workers": 1, **overrides})
+        index = sum(c.name.startswith("api") for c in self.children)
+        self._spawn(f"api{index}", api_argv(settings), settings, cpus=self._other_cpus())
+        url = f"http://{settings.api_host}:{settings.api_port}"
+        wait_until(lambda: http_ok(url + "/readyz"), self.ready_timeout,
+                   "the API to report ready", self.children)
+        return url
+
     def _start_redis(self) -> None:
         if self.settings.redis_url:
             return

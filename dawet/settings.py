@@ -38,9 +38,19 @@ class Settings(BaseSettings):
     api_workers: int = Field(2, ge=1)
     # Largest accepted request body in bytes.
     max_request_bytes: int = Field(1_000_000, ge=1024)
-    # Accepted API keys as comma-separated SHA-256 hex digests, each optionally scoped to models
-    # ("digest:model1|model2"); empty turns authentication off.
+    # Accepted API keys as comma-separated SHA-256 hex digests, each optionally named and scoped
+    # to models ("name=digest:model1|model2"); with this and admin_api_keys empty, and no
+    # require_api_keys, authentication is off. `dawet keys create` adds keys at run time.
     api_keys: str = ""
+    # Keys in the same syntax whose holders see every key's jobs, conversations and usage.
+    admin_api_keys: str = ""
+    # Refuse to start the API without a key in api_keys or admin_api_keys (compose sets it).
+    require_api_keys: bool = False
+    # Tokens (prompt + completion) a key may spend per UTC day unless its own budget says
+    # otherwise; 0: no budget. A request whose prompt plus max tokens would pass it gets 429.
+    daily_token_budget: int = Field(0, ge=0)
+    # Days of per-key usage kept for GET /v1/usage.
+    usage_retention_days: int = Field(31, ge=1)
     # Origins allowed to call the API from a browser (comma-separated, or *); empty: no CORS.
     cors_origins: str = ""
     # Log prompts and generated text (off by default: they may hold personal data).
@@ -114,15 +124,15 @@ class Settings(BaseSettings):
     # Address the worker's metrics server binds (0.0.0.0 in containers).
     worker_metrics_host: str = "127.0.0.1"
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _api_key_digests(cls, value: str) -> str:
         entries = [_lower_digest(e.strip()) for e in value.split(",") if e.strip()]
-        bad = [e for e in entries if not re.fullmatch(r"[0-9a-f]{64}(:[^:|,]+(\|[^:|,]+)*)?", e)]
+        bad = [e for e in entries if not API_KEY_ENTRY.fullmatch(e)]
         if bad:
-            raise ValueError("api_keys must be SHA-256 hex digests (64 hex characters), "
-                             "comma-separated, each optionally followed by :model1|model2; "
-                             "hash each key, e.g. `printf %s KEY | sha256sum`")
+            raise ValueError("API keys must be SHA-256 hex digests (64 hex characters), "
+                             "comma-separated, each optionally preceded by name= and followed "
+                             "by :model1|model2; hash each key, e.g. `printf %s KEY | sha256sum`")
         return ",".join(entries)
 
     @field_validator("engine_cpus")
@@ -135,17 +145,9 @@ class Settings(BaseSettings):
         """(the engine's CPUs, the other processes'), or None when nothing is pinned."""
         return split_cpus(parse_cpu_list(self.engine_cpus)) if self.engine_cpus else None
 
-    def api_key_digests(self) -> frozenset[str]:
-        """The accepted keys' SHA-256 hex digests; empty when authentication is off."""
-        return frozenset(self.api_key_scopes())
-
-    def api_key_scopes(self) -> dict[str, frozenset[str] | None]:
-        """Each accepted key digest with the models it may use (None: every model)."""
-        scopes = {}
-        for entry in filter(None, self.api_keys.split(",")):
-            digest, _, models = entry.partition(":")
-            scopes[digest] = frozenset(models.split("|")) if models else None
-        return scopes
+    def auth_enabled(self) -> bool:
+        """Whether requests need an API key."""
+        return bool(self.api_keys or self.admin_api_keys or self.require_api_keys)
 
     def cors_origin_list(self) -> list[str]:
         """The origins allowed by CORS; empty when CORS is off."""
@@ -167,10 +169,18 @@ class Settings(BaseSettings):
         return self.broker_url or self.redis_url_or_fallback()
 
 
+# An API key's name, and an entry of DAWET_API_KEYS: an optional name, the key's SHA-256 hex
+# digest, optional model names.
+KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+API_KEY_ENTRY = re.compile(rf"(?:(?P<name>{KEY_NAME.pattern})=)?(?P<digest>[0-9a-f]{{64}})"
+                           r"(?::(?P<models>[^:|,=]+(?:\|[^:|,=]+)*))?")
+
+
 def _lower_digest(entry: str) -> str:
-    """Lower-case an API key entry's digest, keeping its model names as written."""
-    digest, sep, models = entry.partition(":")
-    return digest.lower() + sep + models
+    """Lower-case an API key entry's digest, keeping its name and model names as written."""
+    name, equals, rest = entry.partition("=") if "=" in entry else ("", "", entry)
+    digest, sep, models = rest.partition(":")
+    return name + equals + digest.lower() + sep + models
 
 
 @lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from api import create_app
 from conftest import ARTIFACTS, DEMO_MODEL, MODELS_FILE, stream_events, submit
+from api.keys import Principal, configured_keys
 from dawet.settings import Settings
 from tasks.worker.app import create_celery, send_job
 from tasks.jobs.contract import Job, JobState, SamplingParams, StatusEvent
@@ -101,12 +102,15 @@ def test_a_key_scoped_to_other_models_gets_403(make_client):
     assert client.post("/v1/generate", json=SHORT, headers=_bearer(key)).status_code == 202
 
 
-def test_api_key_entries_may_name_models_and_bad_entries_are_rejected():
+def test_api_key_entries_may_name_keys_and_models_and_bad_entries_are_rejected():
     digest = "ab" * 32
-    scopes = Settings(api_keys=f"{digest.upper()}:{IDLE_MODEL}|{DEMO_MODEL}, {'cd' * 32}")
-    assert scopes.api_key_scopes() == {digest: frozenset({IDLE_MODEL, DEMO_MODEL}),
-                                       "cd" * 32: None}
-    for bad in (f"{digest}:", f"{digest}:a||b", f"{digest}:a:b", "ab" * 31):
+    settings = Settings(api_keys=f"ci-bot={digest.upper()}:{IDLE_MODEL}|{DEMO_MODEL}, {'cd' * 32}",
+                        admin_api_keys=f"ops={'ef' * 32}")
+    assert configured_keys(settings) == {
+        digest: Principal("ci-bot", frozenset({IDLE_MODEL, DEMO_MODEL})),
+        "cd" * 32: Principal("key-cdcdcdcd"), "ef" * 32: Principal("ops", admin=True)}
+    for bad in (f"{digest}:", f"{digest}:a||b", f"{digest}:a:b", "ab" * 31, f"a b={digest}",
+                f"={digest}"):
         with pytest.raises(ValidationError, match="api_keys"):
             Settings(api_keys=bad)
 

@@ -45,6 +45,15 @@ class SamplingParams(BaseModel):
     seed: int | None = None
 
 
+class Charge(BaseModel):
+    """What a job's admission held against its key's daily budget (tasks/jobs/usage.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    day: int  # days since the epoch (UTC) whose usage the job counts in
+    held: int  # tokens: prompt + max new tokens
+
+
 class Job(BaseModel):
     """What a worker needs to run a generation; travels as the Celery task argument."""
 
@@ -56,6 +65,8 @@ class Job(BaseModel):
     params: SamplingParams
     created_at: float = Field(default_factory=time.time)
     deadline_at: float | None = None  # unix time; a job not started by then expires
+    owner: str | None = None  # the name of the API key that created it
+    charge: Charge | None = None  # None: its usage is not counted
 
     def expired(self, now: float) -> bool:
         """Whether the job's start deadline has passed."""

@@ -20,6 +20,7 @@ import redis
 
 from tasks.jobs.background import survive
 from tasks.jobs.contract import TERMINAL_TYPES, Event, Job
+from tasks.jobs.usage import SETTLE_LUA
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.05, 2.0  # backoff of an attempt's re
 # per fence; 0 for unfenced writes). Refused (-1) after a terminal event, and (-2) when the
 # fence is not the job's current one: a stale attempt, fenced out when its lease was reaped,
 # writes nothing. A write whose number this attempt already wrote is a retry whose first try
-# went through (-3): nothing is written twice. A terminal event releases the job's lease in
-# the same step.
+# went through (-3): nothing is written twice. A terminal event releases the job's lease and
+# settles its key's usage in the same step.
 _GUARD = """
 local written = redis.call('HGET', KEYS[1], 'written')
 if ARGV[7] ~= '0' and written then
@@ -50,6 +51,7 @@ if ARGV[7] ~= '0' then redis.call('HSET', KEYS[1], 'written', ARGV[4] .. ':' .. 
 """
 _WRITE = """
 if ARGV[5] == '1' then
+  settle_usage()
   redis.call('HSET', KEYS[1], 'ended', 1)
   redis.call('ZREM', KEYS[3], ARGV[6])
   redis.call('HDEL', KEYS[4], ARGV[6])
@@ -60,9 +62,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[3], seq .. ' ' .. ARGV[1])
 """
-_APPEND = _GUARD + _WRITE + "return seq\n"
+_APPEND = SETTLE_LUA + _GUARD + _WRITE + "return seq\n"
 # A job's start: as an append, then whether a cancel was requested (KEYS[5], its flag).
-_START = _GUARD + _WRITE + "return redis.call('EXISTS', KEYS[5])\n"
+_START = SETTLE_LUA + _GUARD + _WRITE + "return redis.call('EXISTS', KEYS[5])\n"
 ENDED, FENCED, WRITTEN = -1, -2, -3  # what a refused append answers
 
 
@@ -84,6 +86,16 @@ def wake_channel(job_id: str) -> str:
 
 def _cancel_channel(job_id: str) -> str:
     return f"dawet:cancel:{job_id}"
+
+
+def _indexed(job: Job) -> dict[str, str | int]:
+    """Job fields its hash keeps apart, for the scripts and the ownership check to read."""
+    fields: dict[str, str | int] = {"model": job.model}
+    if job.owner is not None:
+        fields["owner"] = job.owner
+    if job.charge is not None:
+        fields |= {"usage_day": job.charge.day, "held": job.charge.held}
+    return fields
 
 
 class JobStart(NamedTuple):
@@ -115,7 +127,7 @@ class JobStore:
         key = _job_key(job.id)
 
         def commands(pipe: redis.client.Pipeline) -> None:
-            pipe.hset(key, mapping={"job": job.model_dump_json(), "seq": 0})
+            pipe.hset(key, mapping={"job": job.model_dump_json(), "seq": 0, **_indexed(job)})
             pipe.expire(key, self.ttl)
             if first is not None:
                 self._append_in(pipe, job.id, first)
@@ -124,6 +136,11 @@ class JobStore:
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(_job_key(job_id)))
+
+    def owner(self, job_id: str) -> tuple[bool, str | None]:
+        """Whether the job exists, and the name of the key that created it."""
+        seq, owner = self.redis.hmget(_job_key(job_id), "seq", "owner")
+        return seq is not None, as_text(owner) if owner is not None else None
 
     def load(self, job_id: str) -> Job | None:
         raw = self.redis.hget(_job_key(job_id), "job")

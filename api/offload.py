@@ -1,0 +1,32 @@
+"""CPU-heavy request work (tokenizing, chat templates) run off the API's event loop.
+
+gunicorn runs the API with gevent: one OS thread serves every request of a process, so a
+megabyte prompt tokenized on it stalls every other stream of that process until it is done.
+On gevent's pool of real threads it only holds the GIL in turns (the interpreter's switch
+interval), and the loop keeps serving. Call it with plain data only: gevent's patched locks
+and Flask's request context do not work on those threads.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def off_loop(work: Callable[..., T], *args) -> T:
+    """`work(*args)` on a real thread under gevent (waiting without blocking the loop), else
+    right here."""
+    if not _under_gevent():
+        return work(*args)
+    from gevent import get_hub
+
+    return get_hub().threadpool.apply(work, args)
+
+
+def _under_gevent() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("threading")
