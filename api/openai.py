@@ -162,7 +162,7 @@ def _complete(body: OpenAIRequest, shape: type[ChatShape] | type[TextShape]):
 
 def _wait(svc: Services, job: Job) -> tuple[str, dict[str, Any]]:
     """Block until the job ends; its text and done event, or its error as an APIError."""
-    view = JobView(job.id)  # the one fold of events: a restarted job's text starts again
+    view = JobView(job.id)  # the one fold of events (a restarted job's reply goes on)
     for event in svc.events(job.id):
         view.apply(event)
         if event["type"] == "done":

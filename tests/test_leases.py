@@ -64,10 +64,12 @@ def test_a_lapsed_job_is_restarted_once_and_a_finished_one_never(redis_client, s
     time.sleep(0.3)
     restarted = [job_id for reaper in reapers for job_id in reaper.reap()]
     assert restarted == [running.id] and sent == [running.id]
+    events = store.read(running.id)
     view = JobView(running.id)
-    for event in store.read(running.id):
+    for event in events:
         view.apply(event)
-    assert view.state is JobState.RESTARTED and view.text == ""
+    assert view.state is JobState.RESTARTED and view.text == "half a rep"  # the reply goes on
+    assert events[-1]["resumes_after"] == events[-2]["seq"]
     assert store.read(finished.id)[-1]["type"] == "done"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -12,13 +13,16 @@ import psutil
 import pytest
 import redis
 import websocket
+from openai import OpenAI
 
 from conftest import (DEMO_MODEL, MODELS_FILE, engine_process_of, fresh_log_dir, stream_events,
-                      submit, token_text)
+                      submit, token_text, wait_until)
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 from tasks.worker.app import GENERATE_TASK, create_celery
 from tasks.jobs.leases import LEASES_KEY
+from tasks.jobs.log import OWNERS_KEY
+from test_chat_page import PHONE, REPLY, _send, _settings, _wait_reply, browser  # noqa: F401
 from tasks.jobs.workers import WorkerRegistry
 
 LONG = {"prompt": "Once upon a time", "min_new_tokens": 500, "max_new_tokens": 500,
@@ -81,8 +85,24 @@ def _runner_of(pair: Stack, events: list[dict]):
     return pair.child(worker.split("-", 1)[0])
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(pair: Stack) -> str:
+    """LONG's reply when no worker dies (greedy: the same every time)."""
+    with httpx.Client(base_url=pair.api_url, timeout=120) as api:
+        return token_text(stream_events(submit(api, **LONG)["stream_url"], timeout=120))
+
+
+def _assert_one_continued_reply(events: list[dict], reference: str) -> None:
+    """The reply went on at the restart: nothing repeated or lost, every token counted once."""
+    restarted = next(e for e in events if e.get("state") == "restarted")
+    assert restarted["resumes_after"] == restarted["seq"] - 1
+    assert token_text(events) == reference
+    assert events[-1]["usage"]["completion_tokens"] == LONG["max_new_tokens"]
+
+
 def test_a_killed_workers_job_is_restarted_on_the_other_and_completes_once(pair, api,
-                                                                           pair_redis):
+                                                                           pair_redis,
+                                                                           uninterrupted):
     _two_live_workers(pair, pair_redis)
     job = submit(api, **LONG)
     ws, events = _start_and_watch(job)
@@ -101,9 +121,9 @@ def test_a_killed_workers_job_is_restarted_on_the_other_and_completes_once(pair,
     survivor = [e["worker"] for e in events if e.get("state") == "started"][-1]
     assert not survivor.startswith(victim.name + "-")
     assert [e["type"] for e in events].count("done") == 1 and events[-1]["type"] == "done"
-    after_restart = token_text(events[[e.get("state") for e in events].index("restarted"):])
+    _assert_one_continued_reply(events, uninterrupted)
     view = api.get(f"/v1/jobs/{job['id']}").json()
-    assert view["state"] == "succeeded" and view["text"] == after_restart
+    assert view["state"] == "succeeded" and view["text"] == uninterrupted
     assert view["usage"]["completion_tokens"] == 500
     assert pair_redis.zscore(LEASES_KEY, job["id"]) is None
 
@@ -138,7 +158,8 @@ def test_sigterm_drains_the_running_job_before_the_worker_exits(pair, api, pair_
     assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == 500
 
 
-def test_a_frozen_worker_that_wakes_after_its_job_moved_writes_nothing(pair, api, pair_redis):
+def test_a_frozen_worker_that_wakes_after_its_job_moved_writes_nothing(pair, api, pair_redis,
+                                                                       uninterrupted):
     _two_live_workers(pair, pair_redis)
     job = submit(api, **LONG)
     ws, events = _start_and_watch(job)
@@ -159,9 +180,9 @@ def test_a_frozen_worker_that_wakes_after_its_job_moved_writes_nothing(pair, api
     assert [e["type"] for e in events].count("done") == 1
     survivor = [e["worker"] for e in events if e.get("state") == "started"][-1]
     assert not survivor.startswith(frozen.name + "-") and frozen.alive()
-    after_restart = token_text(events[[e.get("state") for e in events].index("restarted"):])
+    _assert_one_continued_reply(events, uninterrupted)
     view = api.get(f"/v1/jobs/{job['id']}").json()
-    assert view["text"] == after_restart and view["usage"]["completion_tokens"] == 500
+    assert view["text"] == uninterrupted and view["usage"]["completion_tokens"] == 500
 
 
 def test_a_job_that_kills_its_engine_every_time_ends_with_worker_lost(pair, api, pair_redis):
@@ -183,7 +204,8 @@ def test_a_job_that_kills_its_engine_every_time_ends_with_worker_lost(pair, api,
     assert pair_redis.zscore(LEASES_KEY, job["id"]) is None
 
 
-def test_a_worker_whose_engine_hangs_exits_and_its_job_runs_on_the_other(pair, api, pair_redis):
+def test_a_worker_whose_engine_hangs_exits_and_its_job_runs_on_the_other(pair, api, pair_redis,
+                                                                          uninterrupted):
     _two_live_workers(pair, pair_redis)
     job = submit(api, **LONG)
     ws, events = _start_and_watch(job)
@@ -194,7 +216,8 @@ def test_a_worker_whose_engine_hangs_exits_and_its_job_runs_on_the_other(pair, a
     events = _read_to_end(ws, events)
     assert [e.get("state") for e in events if e["type"] == "status"] == \
         ["queued", "started", "restarted", "started"]
-    assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == 500
+    assert events[-1]["type"] == "done"
+    _assert_one_continued_reply(events, uninterrupted)
     assert not engine.is_running() or engine.status() == psutil.STATUS_ZOMBIE
 
 
@@ -220,3 +243,103 @@ def test_a_redis_pause_longer_than_the_lease_restarts_no_job_and_loses_nothing(p
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         texts.add(token_text(events))
     assert len(texts) == 1  # greedy, one prompt: a lost or doubled event would show
+
+
+# The same request through each transport: greedy, LONG's length forced.
+FORCED = {"max_tokens": 300, "temperature": 0.0, "extra_body": {"min_tokens": 300}}
+CHAT = {"model": DEMO_MODEL, "messages": [{"role": "user", "content": "Ceritakan sebuah dongeng."}],
+        **FORCED}
+TEXT = {"model": DEMO_MODEL, "prompt": "Once upon a time", **FORCED}
+
+
+def _sdk(pair: Stack) -> OpenAI:
+    return OpenAI(base_url=f"{pair.api_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _kill_the_runner_once_it_writes(pair: Stack, api: httpx.Client, job_id: str) -> None:
+    """SIGKILL the worker running the job, once the job has delivered a token."""
+    wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["text"], 60,
+               "the job's first token", interval=0.05)
+    worker = api.get(f"/v1/jobs/{job_id}").json()["worker"]
+    pair.child(worker.split("-", 1)[0]).process.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+def test_an_sse_client_gets_one_reply_across_a_workers_death(pair, api, pair_redis, kind):
+    _two_live_workers(pair, pair_redis)
+    sdk = _sdk(pair)
+    create, body = ((sdk.chat.completions, CHAT) if kind == "chat" else (sdk.completions, TEXT))
+    reference = create.create(**body)
+    with create.with_streaming_response.create(**body, stream=True,
+                                               stream_options={"include_usage": True}) as reply:
+        job_id = reply.headers["X-Dawet-Job-Id"]
+        killer = threading.Thread(target=_kill_the_runner_once_it_writes,
+                                  args=(pair, api, job_id))
+        killer.start()
+        chunks = list(reply.parse())
+        killer.join()
+    pieces = [c.choices[0].delta.content if kind == "chat" else c.choices[0].text
+              for c in chunks if c.choices]
+    expected = (reference.choices[0].message.content if kind == "chat"
+                else reference.choices[0].text)
+    assert "".join(p or "" for p in pieces) == expected
+    assert chunks[-1].usage.completion_tokens == 300
+    assert "restarted" in _states(pair, job_id), "the kill landed after the job ended"
+
+
+def test_a_waiting_chat_completion_gets_one_reply_across_a_workers_death(pair, api, pair_redis):
+    _two_live_workers(pair, pair_redis)
+    sdk = _sdk(pair)
+    reference = sdk.chat.completions.create(**CHAT).choices[0].message.content
+    before = set(pair_redis.hkeys(OWNERS_KEY))
+    replies: list = []
+    waiter = threading.Thread(target=lambda: replies.append(
+        sdk.chat.completions.with_raw_response.create(**CHAT)))
+    waiter.start()
+    wait_until(lambda: set(pair_redis.hkeys(OWNERS_KEY)) - before, 60, "the job's lease")
+    (job_id,) = set(pair_redis.hkeys(OWNERS_KEY)) - before
+    _kill_the_runner_once_it_writes(pair, api, job_id)
+    waiter.join(180)
+    (raw,) = replies
+    completion = raw.parse()
+    assert raw.headers["X-Dawet-Job-Id"] == job_id
+    assert completion.choices[0].message.content == reference
+    assert completion.usage.completion_tokens == 300
+    assert "restarted" in _states(pair, job_id), "the kill landed after the job ended"
+
+
+def _states(pair: Stack, job_id: str) -> list[str]:
+    events = stream_events(f"{pair.api_url.replace('http', 'ws', 1)}/v1/jobs/{job_id}/stream")
+    return [e["state"] for e in events if e["type"] == "status"]
+
+
+@pytest.fixture()
+def pair_page(browser, pair):
+    """The chat page, served by the pair's API."""
+    context = browser.new_context(viewport=PHONE, base_url=pair.api_url)
+    context.set_default_timeout(120_000)
+    opened = context.new_page()
+    opened.goto("/")
+    opened.wait_for_selector("body[data-ready=true]")
+    yield opened
+    context.close()
+
+
+def test_the_chat_page_shows_one_reply_across_a_workers_death(pair, api, pair_redis, pair_page):
+    _two_live_workers(pair, pair_redis)
+    _settings(pair_page, max_new_tokens=300, min_new_tokens=300)
+    _send(pair_page, "Ceritakan sebuah dongeng.")
+    pair_page.wait_for_selector(f"{REPLY}[data-job-id]")
+    job_id = pair_page.locator(REPLY).first.get_attribute("data-job-id")
+    _kill_the_runner_once_it_writes(pair, api, job_id)
+    text = _wait_reply(pair_page, 0)
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert "restarted" in _states(pair, job_id), "the kill landed after the job ended"
+    assert text == job["text"] and job["usage"]["completion_tokens"] == 300
+    conversation = pair_page.evaluate("new URL(location.href).searchParams.get('c')")
+    saved = api.get(f"/v1/conversations/{conversation}").json()["turns"][0]
+    assert saved["assistant"] == text
+    uninterrupted = _sdk(pair).chat.completions.create(
+        messages=[{"role": "user", "content": "Ceritakan sebuah dongeng."}],
+        model=DEMO_MODEL, **FORCED).choices[0].message.content
+    assert text == uninterrupted

@@ -91,10 +91,7 @@
     }
     if (!reply || frame.seq <= reply.lastSeq) return;  // replayed after a resume: seen already
     reply.lastSeq = frame.seq;
-    if (frame.type === "status") {
-      setMeta(reply.bubble, frame.state);
-      if (frame.state === "restarted") reply.text.textContent = "";  // the job runs again from the start
-    }
+    if (frame.type === "status") setMeta(reply.bubble, frame.state);  // a restart continues the reply
     else if (frame.type === "token") appendToken(reply, frame.text);
     else if (frame.type === "done") finishReply(frame.finish_reason === "cancelled" ? "cancelled" : "succeeded", stats(frame));
     else if (frame.type === "error") {

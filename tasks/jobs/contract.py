@@ -103,20 +103,28 @@ class Usage:
 class StatusEvent:
     state: JobState
     worker: str | None = None
+    # A restarted job's reply goes on after the token events up to this sequence number.
+    resumes_after: int | None = None
     type: str = field(default="status", init=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"type": self.type, "state": self.state.value}
-        return data | ({"worker": self.worker} if self.worker else {})
+        data |= {"worker": self.worker} if self.worker else {}
+        return data | ({"resumes_after": self.resumes_after}
+                       if self.resumes_after is not None else {})
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     text: str
+    # The token ids generated since the previous token event, the text of some of which may
+    # still be held back (a possible stop sequence, an incomplete character): a new attempt
+    # continues the reply from exactly these (tasks/worker/runner.py).
+    ids: tuple[int, ...] = ()
     type: str = field(default="token", init=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "text": self.text}
+        return {"type": self.type, "text": self.text, "ids": list(self.ids)}
 
 
 @dataclass(frozen=True)
@@ -173,8 +181,6 @@ class JobView:
         if kind == "status":
             self.state = JobState(event["state"])
             self.worker = event.get("worker", self.worker)
-            if self.state is JobState.RESTARTED:
-                self.text = ""  # the job runs again from the start on another worker
         elif kind == "token":
             self.text += event["text"]
         elif kind == "done":

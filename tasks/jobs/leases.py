@@ -178,7 +178,8 @@ class Reaper:
             self._store.append(job_id, ErrorEvent(body))
             logger.error("job %s lost its worker %d times; ended it", job_id, attempts)
             return False
-        if self._store.append(job_id, StatusEvent(JobState.RESTARTED)) is None:
+        restarted = StatusEvent(JobState.RESTARTED, resumes_after=last["seq"] if last else 0)
+        if self._store.append(job_id, restarted) is None:
             return False  # it ended meanwhile
         try:
             self._send(job)

@@ -97,14 +97,15 @@ def in_flight(model: str, clock):
     return IN_FLIGHT.track(model, clock)
 
 
-def observe_job(job: Job, outcome: DoneEvent | ErrorEvent) -> None:
-    """Record an ended job: outcome, tokens and the timings its Clock computed."""
+def observe_job(job: Job, outcome: DoneEvent | ErrorEvent, resumed_tokens: int = 0) -> None:
+    """Record an ended job: outcome, tokens (not those an earlier attempt generated) and the
+    timings its Clock computed."""
     if isinstance(outcome, ErrorEvent):
         JOBS.labels(job.model, "error").inc()
         return
     JOBS.labels(job.model, outcome.finish_reason.value).inc()
     PROMPT_TOKENS.labels(job.model).inc(outcome.usage.prompt_tokens)
-    GENERATION_TOKENS.labels(job.model).inc(outcome.usage.completion_tokens)
+    GENERATION_TOKENS.labels(job.model).inc(outcome.usage.completion_tokens - resumed_tokens)
     timings = outcome.timings
     QUEUE_WAIT.labels(job.model).observe(timings["queued_seconds"])
     E2E_LATENCY.labels(job.model).observe(timings["total_seconds"])

@@ -1,4 +1,11 @@
-"""Run one job on an engine and publish its events: status, tokens, then done or error."""
+"""Run one job on an engine and publish its events: status, tokens, then done or error.
+
+A job that an earlier attempt left (its worker died) goes on from where that attempt's reply
+stopped: its token events record the ids behind their text, so the new attempt feeds those
+ids through a fresh decoder and stop matcher (which then hold back what the old one held
+back), and asks the engine only for the rest of the reply, the ids appended to the prompt.
+At temperature 0 the reply is the one an uninterrupted run gives.
+"""
 from __future__ import annotations
 
 import logging
@@ -10,7 +17,7 @@ from dataclasses import dataclass, field
 
 from model_store.tokenizer import ChatTokenizer
 from tasks.jobs.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
-                            StatusEvent, TokenEvent, Usage)
+                                 SamplingParams, StatusEvent, TokenEvent, Usage)
 from tasks.engine.interface import Engine, TokenStep
 from tasks.jobs.log import CancelListener, EventWriteFailed, EventWriter, JobStore, StaleAttempt
 from tasks.worker.metrics import in_flight, observe_job
@@ -20,23 +27,42 @@ logger = logging.getLogger(__name__)
 
 
 class ChunkBuffer:
-    """Coalesce a job's text into token events: the first at once, then one per interval."""
+    """Coalesce a job's text into token events: the first at once, then one per interval.
 
-    def __init__(self, send: Callable[[str], None], interval: float):
+    Each event carries the ids of every token pushed since the last one, so the log's ids
+    always lead to exactly the log's text (plus what the decoder holds back)."""
+
+    def __init__(self, send: Callable[[str, tuple[int, ...]], None], interval: float):
         self._send, self._interval = send, interval
-        self._pending, self._last_sent = "", None
+        self._pending, self._ids, self._last_sent = "", [], None
 
-    def push(self, text: str) -> None:
-        """Add text; send what is pending if this is the first text or the interval has passed."""
+    def push(self, text: str, ids: Sequence[int] = ()) -> None:
+        """Add text and the tokens it came from; send what is pending if this is the first
+        text or the interval has passed."""
         self._pending += text
+        self._ids.extend(ids)
         if self._last_sent is None or time.monotonic() - self._last_sent >= self._interval:
             self.flush()
 
     def flush(self) -> None:
         """Send the pending text now, if there is any."""
         if self._pending:
-            self._send(self._pending)
-            self._pending, self._last_sent = "", time.monotonic()
+            self._send(self._pending, tuple(self._ids))
+            self._pending, self._ids, self._last_sent = "", [], time.monotonic()
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """The reply that earlier attempts of a job delivered: the ids and text of its tokens."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    @classmethod
+    def from_log(cls, events: list[dict]) -> "Delivered":
+        tokens = [event for event in events if event["type"] == "token"]
+        return cls([i for event in tokens for i in event.get("ids", ())],
+                   "".join(event["text"] for event in tokens))
 
 
 class StepText:
@@ -54,14 +80,31 @@ class StepText:
     def __call__(self, step: TokenStep) -> bool:
         hit = False
         if step.token_id is not None:
-            self.completion += 1
-            text, hit = self.stops.feed(self.decoder.push(step.token_id))
-            self._chunks.push(text)
+            text, hit = self._take(step.token_id)
+            self._chunks.push(text, (step.token_id,))
         finish = FinishReason.STOP_SEQUENCE if hit else step.finish
         if finish is None and self._cancel.is_set():
             finish = FinishReason.CANCELLED
         self.finish = finish or self.finish
         return finish is not None
+
+    def replay(self, delivered: Delivered) -> bool:
+        """Take the tokens an earlier attempt delivered (their text is in the log already);
+        whether they end the reply (a stop sequence completed before its end was written)."""
+        released = []
+        for token_id in delivered.ids:
+            text, hit = self._take(token_id)
+            released.append(text)
+            if hit:
+                self.finish = FinishReason.STOP_SEQUENCE
+                return True
+        if "".join(released) != delivered.text:  # a decoder that is not deterministic
+            logger.warning("the replayed tokens do not give back the delivered text")
+        return False
+
+    def _take(self, token_id: int) -> tuple[str, bool]:
+        self.completion += 1
+        return self.stops.feed(self.decoder.push(token_id))
 
 
 @dataclass
@@ -69,12 +112,14 @@ class Clock:
     """Wall-clock marks for a job's timings (created_at comes from the API)."""
 
     created: float
+    resumed_tokens: int = 0  # tokens an earlier attempt generated: not timed here
     started: float = field(default_factory=time.time)
     first_token: float | None = None
 
     def timings(self, completion_tokens: int) -> dict[str, float]:
         ended = time.time()
         decode_seconds = ended - (self.first_token or ended)
+        completion_tokens -= self.resumed_tokens
         return {
             "queued_seconds": round(self.started - self.created, 4),
             "time_to_first_token_seconds": round((self.first_token or ended) - self.created, 4),
@@ -108,23 +153,28 @@ class JobRunner:
                 return
             if start.cancel_requested:
                 cancel.set()
-            clock = Clock(created=job.created_at)
+            delivered = self._delivered(job.id, fence)
+            clock = Clock(created=job.created_at, resumed_tokens=len(delivered.ids))
             with in_flight(job.model, clock):
-                outcome = self._outcome(job, fence, clock, cancel)
+                outcome = self._outcome(job, fence, clock, cancel, delivered)
         if outcome is None:
             return
-        observe_job(job, outcome)  # before the terminal event, so a reader sees it counted
+        observe_job(job, outcome, len(delivered.ids))  # before the terminal event: counted
         if self._store.append(job.id, outcome, fence) is None:
             logger.warning("job %s: its log refused attempt %d's end; another attempt has it",
                            job.id, fence)
+
+    def _delivered(self, job_id: str, fence: int) -> Delivered:
+        """What earlier attempts delivered; the first (fence 1) or an unfenced run has none."""
+        return Delivered.from_log(self._store.read(job_id)) if fence > 1 else Delivered()
 
     def interrupt(self, job_id: str) -> None:
         """Stop the job's generation at its next step (this worker lost its lease)."""
         if self._cancels is not None:
             self._cancels.interrupt(job_id)
 
-    def _outcome(self, job: Job, fence: int, clock: Clock,
-                 cancel: threading.Event) -> DoneEvent | ErrorEvent | None:
+    def _outcome(self, job: Job, fence: int, clock: Clock, cancel: threading.Event,
+                 delivered: Delivered) -> DoneEvent | ErrorEvent | None:
         """Generate, and describe how it ended as the job's terminal event; None if the log
         refused this attempt (its lease was reaped): it must write nothing more."""
         vocab_size = self._tokenizer.vocab_size
@@ -132,7 +182,7 @@ class JobRunner:
             return ErrorEvent(ErrorBody("the prompt holds token ids outside the model's vocabulary",
                                         "invalid_request_error", "invalid_prompt_tokens"))
         try:
-            finish, usage = self._generate(job, fence, clock, cancel)
+            finish, usage = self._generate(job, fence, clock, cancel, delivered)
         except StaleAttempt:
             logger.warning("job %s: attempt %d was fenced out; stopped it", job.id, fence)
             return None
@@ -144,25 +194,31 @@ class JobRunner:
                                         "server_error", "generation_failed"))
         return DoneEvent(finish, usage, clock.timings(usage.completion_tokens))
 
-    def _generate(self, job: Job, fence: int, clock: Clock,
-                  cancel: threading.Event) -> tuple[FinishReason, Usage]:
+    def _generate(self, job: Job, fence: int, clock: Clock, cancel: threading.Event,
+                  delivered: Delivered) -> tuple[FinishReason, Usage]:
         """Stream tokens as events until the engine, a stop sequence or a cancel ends the job."""
-        chunks = ChunkBuffer(lambda text: self._emit(job.id, fence, text, clock),
+        chunks = ChunkBuffer(lambda text, ids: self._emit(job.id, fence, text, ids, clock),
                              self._chunk_seconds)
         try:
-            finish, completion = FinishReason.CANCELLED, 0
+            finish, completion = FinishReason.CANCELLED, len(delivered.ids)
             if not cancel.is_set():
-                finish, completion = self._decode(job, chunks, cancel)
+                finish, completion = self._decode(job, chunks, cancel, delivered)
             chunks.flush()
         finally:
             self._events.flush(job.id)  # every token is in the log before the terminal event
         return finish, Usage(len(job.prompt_token_ids), completion)
 
-    def _decode(self, job: Job, chunks: ChunkBuffer,
-                cancel: threading.Event) -> tuple[FinishReason, int]:
-        """Run the job on the engine, its steps going through the decoder and stop matcher."""
+    def _decode(self, job: Job, chunks: ChunkBuffer, cancel: threading.Event,
+                delivered: Delivered) -> tuple[FinishReason, int]:
+        """Run the job on the engine, its steps going through the decoder and stop matcher;
+        after what earlier attempts delivered, only the rest of the reply."""
         steps = StepText(self._tokenizer.decode, job.params.stop, chunks, cancel)
-        self._engine.run(job.prompt_token_ids, job.params, cancel, steps)
+        if not steps.replay(delivered):
+            rest = remaining(job.params, len(delivered.ids))
+            if rest is None:
+                steps.finish = FinishReason.LENGTH
+            else:
+                self._engine.run(job.prompt_token_ids + delivered.ids, rest, cancel, steps)
         chunks.push(steps.stops.flush())
         return steps.finish, steps.completion
 
@@ -179,7 +235,19 @@ class JobRunner:
         finally:
             self._cancels.unwatch(job_id, event)
 
-    def _emit(self, job_id: str, fence: int, text: str, clock: Clock) -> None:
+    def _emit(self, job_id: str, fence: int, text: str, ids: tuple[int, ...],
+              clock: Clock) -> None:
         if text:
             clock.first_token = clock.first_token or time.time()
-            self._events.send(job_id, fence, TokenEvent(text))
+            self._events.send(job_id, fence, TokenEvent(text, ids))
+
+
+def remaining(params: SamplingParams, produced: int) -> SamplingParams | None:
+    """The parameters for the rest of a reply of which `produced` tokens exist; None when
+    nothing is left to generate."""
+    if produced == 0:
+        return params
+    if produced >= params.max_new_tokens:
+        return None
+    return params.model_copy(update={"max_new_tokens": params.max_new_tokens - produced,
+                                     "min_new_tokens": max(0, params.min_new_tokens - produced)})
