@@ -209,7 +209,7 @@ def test_the_event_writer_appends_in_order_and_flush_waits_for_the_job(store):
         for job in jobs:
             writer.send(job.id, 0, TokenEvent(f"{job.id[:4]}-{index}"))
     for job in jobs:
-        writer.flush(job.id)
+        writer.flush(job.id, 0)
         assert [e["text"] for e in store.read(job.id)] == [f"{job.id[:4]}-{i}" for i in range(20)]
 
 
@@ -240,9 +240,9 @@ def test_a_failed_write_refuses_the_jobs_later_events_and_is_reported_at_its_flu
 
     wait_until(refused, 5, "a refused send")
     with pytest.raises(EventWriteFailed):
-        writer.flush(job.id)
+        writer.flush(job.id, 0)
     writer.send(job.id, 0, TokenEvent("kept"))  # reported once: a job that goes on may write again
-    writer.flush(job.id)
+    writer.flush(job.id, 0)
     assert [e["text"] for e in store.read(job.id)][-1] == "kept"
 
 

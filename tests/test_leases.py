@@ -120,7 +120,7 @@ def test_a_reaped_attempt_is_fenced_out_and_nothing_is_written_after_the_end(red
     writer = EventWriter(store)
     writer.send(job.id, first, TokenEvent("stale again"))
     with pytest.raises(StaleAttempt):
-        writer.flush(job.id)
+        writer.flush(job.id, first)
     assert store.append(job.id, DoneEvent(FinishReason.STOP, Usage(2, 1), {}), second)
     assert redis_client.zscore(LEASES_KEY, job.id) is None  # released with the end, at once
     assert store.append(job.id, TokenEvent("late"), second) is None

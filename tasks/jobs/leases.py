@@ -80,8 +80,11 @@ end
 return lost
 """
 
-_RELEASE = """
+# Only the attempt that holds the lease releases it: the owner's name is not enough, since one
+# worker may hold a stale attempt of the job beside a new one (ARGV[3]: the attempt's fence)
+_RELEASE = _JOB_KEY + """
 if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] ~= '0' and redis.call('HGET', job_key(ARGV[1]), 'fence') ~= ARGV[3] then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
@@ -102,7 +105,8 @@ end
 return found
 """
 
-_LAPSE = """
+_LAPSE = _JOB_KEY + """
+if ARGV[2] ~= '0' and redis.call('HGET', job_key(ARGV[1]), 'fence') ~= ARGV[2] then return 0 end
 redis.call('ZADD', KEYS[1], 0, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], 'reaper')
 return 1
@@ -132,9 +136,10 @@ class LeaseBook:
             return set()  # the reap that follows in the same beat notes this worker's visit
         return {as_text(j) for j in self._call("renew", self.owner, self._lease_ms, *job_ids)}
 
-    def release(self, job_id: str) -> None:
-        """Give the lease up (the job ended, or was handed back)."""
-        self._call("release", job_id, self.owner)
+    def release(self, job_id: str, fence: int = 0) -> None:
+        """Give the lease up (the job ended), if attempt `fence` still holds it (0: whatever
+        attempt of this owner's)."""
+        self._call("release", job_id, self.owner, fence)
 
     def reap(self) -> list[tuple[str, int]]:
         """Remove lapsed leases, fencing their attempts out; return (job, attempts so far) for
@@ -142,9 +147,10 @@ class LeaseBook:
         found = self._call("reap", REAP_BATCH, self._lease_ms)
         return [(as_text(job), int(found[i + 1])) for i, job in enumerate(found) if i % 2 == 0]
 
-    def lapse(self, job_id: str) -> None:
-        """Mark a job's lease lapsed, so the next reap takes it again."""
-        self._call("lapse", job_id)
+    def lapse(self, job_id: str, fence: int = 0) -> None:
+        """Mark a job's lease lapsed, so the next reap takes it again (if attempt `fence` is
+        still the job's current one; 0: whatever the attempt)."""
+        self._call("lapse", job_id, fence)
 
 
 WORKER_LOST_ERROR = "the job lost its worker {attempts} times; it is not restarted again"
@@ -200,8 +206,8 @@ class LeaseKeeper:
                  on_lost: Callable[[str], None] | None = None):
         self._book, self._reaper, self._interval = book, reaper, interval
         self._on_lost = on_lost  # a job whose lease this worker lost: stop its generation
-        self._running: set[str] = set()
-        self._handed_back: set[str] = set()
+        self._running: dict[str, int] = {}  # job -> the fence of this worker's attempt
+        self._handed_back: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dawet-leases", daemon=True)
@@ -221,36 +227,46 @@ class LeaseKeeper:
             yield 0
             return
         with self._lock:
-            self._running.add(job_id)
+            self._running[job_id] = fence  # a stale attempt of it may still be winding down
         try:
             yield fence
         finally:
             with self._lock:
-                self._running.discard(job_id)
-                handed_back = job_id in self._handed_back
-                self._handed_back.discard(job_id)
+                if self._running.get(job_id) == fence:
+                    del self._running[job_id]
+                handed_back = (job_id, fence) in self._handed_back
+                self._handed_back.discard((job_id, fence))
             if handed_back:  # the reaper restarts it once its lease lapses
-                survive("leases", lambda: self._book.lapse(job_id))
+                survive("leases", lambda: self._book.lapse(job_id, fence))
             else:
-                self._book.release(job_id)
+                self._book.release(job_id, fence)
 
-    def hand_back(self, job_id: str) -> None:
-        """Give up a held job without ending it: its lease is left to lapse (at once if Redis
-        answers), so a reaper restarts it."""
+    def hand_back(self, job_id: str, fence: int) -> None:
+        """Give up a held attempt without ending the job: its lease is left to lapse (at once
+        if Redis answers), so a reaper restarts it."""
         with self._lock:
-            self._running.discard(job_id)
-            self._handed_back.add(job_id)
+            if self._running.get(job_id) == fence:
+                del self._running[job_id]
+            self._handed_back.add((job_id, fence))
 
     def beat(self) -> None:
         """Renew this worker's leases, then restart the jobs of lapsed ones."""
         with self._lock:
-            running = sorted(self._running)
-        lost = self._book.renew(running)
+            running = dict(self._running)
+        lost = self._book.renew(sorted(running))
         if lost:
             logger.warning("lost the leases of jobs %s; stopping them", sorted(lost))
-        for job_id in lost if self._on_lost is not None else ():
-            self._on_lost(job_id)
+        for job_id in lost:
+            self._stop_lost(job_id, running[job_id])
         self._reaper.reap()
+
+    def _stop_lost(self, job_id: str, fence: int) -> None:
+        """Stop the attempt that lost its lease, unless a new attempt of the job has taken its
+        place on this worker meanwhile: that one must go on (the stale one stops at its next
+        write, which the log refuses). Under the lock, so no new attempt starts in between."""
+        with self._lock:
+            if self._on_lost is not None and self._running.get(job_id) == fence:
+                self._on_lost(job_id)
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):

@@ -282,22 +282,23 @@ class EventWriter:
     def __init__(self, store: JobStore):
         self._store = store
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._failed: dict[str, Exception] = {}
+        self._failed: dict[tuple[str, int], Exception] = {}  # by attempt: (job, fence)
         threading.Thread(target=self._run, name="dawet-event-writer", daemon=True).start()
 
     def send(self, job_id: str, fence: int, event: Event) -> None:
         """Queue an event for the job's log, written as attempt `fence`; raises if an earlier
         one failed to be written (StaleAttempt if the log refused it)."""
-        if job_id in self._failed:
-            self._raise(job_id, self._failed[job_id])
+        if (job_id, fence) in self._failed:
+            self._raise(job_id, self._failed[job_id, fence])
         self._queue.put((job_id, fence, event))
 
-    def flush(self, job_id: str) -> None:
-        """Wait until the job's queued events are written; raise if one of them was not."""
+    def flush(self, job_id: str, fence: int) -> None:
+        """Wait until the job's queued events are written; raise if one of attempt `fence`'s
+        was not."""
         written = threading.Event()
         self._queue.put((job_id, 0, written))
         written.wait()
-        failure = self._failed.pop(job_id, None)
+        failure = self._failed.pop((job_id, fence), None)
         if failure is not None:
             self._raise(job_id, failure)
 
@@ -324,10 +325,10 @@ class EventWriter:
         except Exception as exc:  # noqa: BLE001 - reported to each job's runner at its flush
             logger.warning("could not write %d job events: %s", len(events), exc)
             written = [False] * len(events)
-            self._failed.update({job_id: exc for job_id, _, _ in events})
+            self._failed.update({(job_id, fence): exc for job_id, fence, _ in events})
         for (job_id, fence, _), ok in zip(events, written):
-            if not ok and job_id not in self._failed:
-                self._failed[job_id] = StaleAttempt(f"job {job_id}: the log refused attempt "
+            if not ok and (job_id, fence) not in self._failed:
+                self._failed[job_id, fence] = StaleAttempt(f"job {job_id}: the log refused attempt "
                                                     f"{fence}'s write")
         for _, _, item in batch:
             if isinstance(item, threading.Event):

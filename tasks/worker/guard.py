@@ -50,7 +50,7 @@ class JobGuard:
             except (redis.RedisError, EventWriteFailed):
                 logger.exception("job %s: Redis lost its start, tokens or end even after "
                                  "retries; handing it back to run again", job.id)
-                self.keeper.hand_back(job.id)
+                self.keeper.hand_back(job.id, fence)
             finally:
                 self._store.forget(job.id, fence)  # the attempt is over, however it ended
 

@@ -205,7 +205,7 @@ class JobRunner:
                 finish, completion = self._decode(job, chunks, cancel, delivered)
             chunks.flush()
         finally:
-            self._events.flush(job.id)  # every token is in the log before the terminal event
+            self._events.flush(job.id, fence)  # every token is in the log before the terminal event
         return finish, Usage(len(job.prompt_token_ids), completion)
 
     def _decode(self, job: Job, chunks: ChunkBuffer, cancel: threading.Event,
