@@ -1,10 +1,12 @@
 """CPU-heavy request work (tokenizing, chat templates) run off the API's event loop.
 
 gunicorn runs the API with gevent: one OS thread serves every request of a process, so a
-megabyte prompt tokenized on it stalls every other stream of that process until it is done.
-On gevent's pool of real threads it only holds the GIL in turns (the interpreter's switch
-interval), and the loop keeps serving. Call it with plain data only: gevent's patched locks
-and Flask's request context do not work on those threads.
+megabyte prompt tokenized on it stalls every other stream of that process until it is done
+(half a second for 280,000 tokens). On gevent's pool of real threads the loop keeps serving
+while the work releases the GIL (the tokenizer's batch call does, ChatTokenizer.encode) or
+holds it only in turns (Python code such as a chat template, by the switch interval). Call
+it with plain data only: gevent's patched locks and Flask's request context do not work on
+those threads.
 """
 from __future__ import annotations
 

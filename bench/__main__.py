@@ -1,9 +1,15 @@
-"""`python -m bench`: benchmark the pipeline on our engine, or with `--backend vllm` Dawet's
-vllm backend against vLLM's own server (bench/backends.py)."""
+"""`python -m bench`: benchmark the pipeline on our engine; with `--backend vllm` Dawet's vllm
+backend against vLLM's own server (bench/backends.py); with `--keyspace` the API's latency as
+Redis fills with history (bench/keyspace.py); with `--responsive` short requests' TTFT while
+huge prompts arrive (bench/responsive.py)."""
 import sys
 
 if "--backend" in sys.argv[1:]:
     from bench.backends import main
+elif "--keyspace" in sys.argv[1:]:
+    from bench.keyspace import main
+elif "--responsive" in sys.argv[1:]:
+    from bench.responsive import main
 else:
     from bench.pipeline import main
 
