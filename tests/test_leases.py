@@ -6,7 +6,7 @@ import time
 import pytest
 import redis
 
-from conftest import DEMO_MODEL
+from conftest import DEMO_MODEL, wait_until
 from tasks.jobs.contract import (DoneEvent, FinishReason, Job, JobState, JobView, SamplingParams,
                             StatusEvent, TokenEvent, Usage)
 from tasks.jobs.log import EventWriter, JobStore, StaleAttempt
@@ -85,6 +85,37 @@ def test_a_job_whose_resend_fails_is_reaped_again(redis_client, store):
     assert Reaper(book, store, broker_down).reap() == []
     sent: list[str] = []
     assert Reaper(book, store, lambda j: sent.append(j.id)).reap() == [job.id] == sent
+
+
+def test_a_reaper_that_dies_before_it_resends_leaves_the_job_to_the_next(redis_client, store):
+    job = _queued_job(store)
+    assert LeaseBook(redis_client, "dead-worker", 0.2).claim(job.id)
+    time.sleep(0.3)
+    ((taken, _, _),) = LeaseBook(redis_client, "dying", 0.2).reap()  # then it dies
+    assert taken == job.id
+    sent: list[str] = []
+    reaper = Reaper(LeaseBook(redis_client, "next", 0.2), store, lambda j: sent.append(j.id))
+    assert reaper.reap() == [] and sent == []  # the dying reaper's hold is still live
+    restarted: list[str] = []  # reaping often, as workers do (a long silence moves leases on)
+    wait_until(lambda: restarted.extend(reaper.reap()) or restarted, 2, "the hold to lapse",
+               interval=0.05)
+    assert restarted == [job.id] == sent
+    assert redis_client.zscore(LEASES_KEY, job.id) is None  # the hold given up once re-sent
+    states = [e["state"] for e in store.read(job.id)]
+    assert states == ["queued", "restarted"]
+    assert LeaseBook(redis_client, "new-worker", 0.2).claim(job.id)
+
+
+def test_a_resent_job_may_be_claimed_before_its_reaper_lets_go(redis_client, store):
+    job = _queued_job(store)
+    assert LeaseBook(redis_client, "dead-worker", 0.2).claim(job.id)
+    time.sleep(0.3)
+    quick = LeaseBook(redis_client, "quick", 5)
+    reaper = Reaper(LeaseBook(redis_client, "reaper-worker", 5), store,
+                    lambda j: quick.claim(j.id))  # picked up at once, hold still live
+    assert reaper.reap() == [job.id]
+    assert redis_client.hget("dawet:lease-owners", job.id) == "quick"  # settle left it alone
+    assert redis_client.zscore(LEASES_KEY, job.id) is not None
 
 
 def test_the_keeper_renews_held_leases_so_they_do_not_lapse(redis_client, store):

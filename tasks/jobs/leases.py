@@ -53,14 +53,19 @@ end
 redis.call('SET', KEYS[3], now)
 """
 
-# A job's hash, as tasks/jobs/log.py names it
-_JOB_KEY = "local function job_key(id) return 'dawet:job:{' .. id .. '}' end\n"
+# A job's hash, as tasks/jobs/log.py names it; the owner name of a reaper's hold on a lease
+REAPER = "reaper"
+_JOB_KEY = ("local function job_key(id) return 'dawet:job:{' .. id .. '}' end\n"
+            f"local REAPER = '{REAPER}'\n")
 
-# A new attempt: 0 if another worker's lease is live or the job's record is gone, else its fence
+# A new attempt: 0 if another worker's lease is live (a reaper's hold does not count) or the
+# job's record is gone, else its fence
 _CLAIM = _NOW + _JOB_KEY + """
 local job = job_key(ARGV[1])
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) > now then return 0 end
+if score and tonumber(score) > now and redis.call('HGET', KEYS[2], ARGV[1]) ~= REAPER then
+  return 0
+end
 if redis.call('EXISTS', job) == 0 then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -90,17 +95,26 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 """
 
-# Lapsed leases: each removed, its attempt fenced out; returns [job, attempts so far, ...]
+# Lapsed leases: each attempt fenced out and its lease turned into the reaper's hold for one
+# lease, which the reaper gives up once it has re-sent the job (a reaper that dies before
+# that leaves the hold to lapse, and another reaper takes the job up again); a job whose
+# record is gone loses its lease. Returns [job, attempts so far, fence, ...]
 _REAP = _CATCH_UP + _JOB_KEY + """
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local found = {}
 for _, id in ipairs(lapsed) do
   local job = job_key(id)
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('HDEL', KEYS[2], id)
-  if redis.call('EXISTS', job) == 1 then redis.call('HINCRBY', job, 'fence', 1) end
-  table.insert(found, id)
-  table.insert(found, redis.call('HGET', job, 'attempts') or '0')
+  if redis.call('EXISTS', job) == 1 then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+    redis.call('HSET', KEYS[2], id, REAPER)
+    local fence = redis.call('HINCRBY', job, 'fence', 1)
+    table.insert(found, id)
+    table.insert(found, redis.call('HGET', job, 'attempts') or '0')
+    table.insert(found, fence)
+  else
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  end
 end
 return found
 """
@@ -108,7 +122,7 @@ return found
 _LAPSE = _JOB_KEY + """
 if ARGV[2] ~= '0' and redis.call('HGET', job_key(ARGV[1]), 'fence') ~= ARGV[2] then return 0 end
 redis.call('ZADD', KEYS[1], 0, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], 'reaper')
+redis.call('HSET', KEYS[2], ARGV[1], REAPER)
 return 1
 """
 
@@ -141,11 +155,17 @@ class LeaseBook:
         attempt of this owner's)."""
         self._call("release", job_id, self.owner, fence)
 
-    def reap(self) -> list[tuple[str, int]]:
-        """Remove lapsed leases, fencing their attempts out; return (job, attempts so far) for
-        each. Each lapsed job goes to one caller."""
+    def reap(self) -> list[tuple[str, int, int]]:
+        """Take lapsed leases, fencing their attempts out and holding each for the reaper;
+        return (job, attempts so far, the fence of the hold) for each. Each lapsed job goes to
+        one caller."""
         found = self._call("reap", REAP_BATCH, self._lease_ms)
-        return [(as_text(job), int(found[i + 1])) for i, job in enumerate(found) if i % 2 == 0]
+        return [(as_text(found[i]), int(found[i + 1]), int(found[i + 2]))
+                for i in range(0, len(found), 3)]
+
+    def settle(self, job_id: str, fence: int) -> None:
+        """Give up the reaper's hold on the job's lease (it was re-sent, or needs no restart)."""
+        self._call("release", job_id, REAPER, fence)
 
     def lapse(self, job_id: str, fence: int = 0) -> None:
         """Mark a job's lease lapsed, so the next reap takes it again (if attempt `fence` is
@@ -168,12 +188,20 @@ class Reaper:
     def reap(self) -> list[str]:
         """Restart (or end) every job whose lease lapsed; returns the restarted ones' ids."""
         restarted = []
-        for job_id, attempts in self._book.reap():
-            if self._restart(job_id, attempts):
-                restarted.append(job_id)
+        for job_id, attempts, fence in self._book.reap():
+            try:
+                if self._resend(job_id, attempts):
+                    restarted.append(job_id)
+            except Exception:  # the broker is down: the hold lapses now, a later beat retries
+                logger.exception("could not re-send job %s; will retry", job_id)
+                self._book.lapse(job_id, fence)
+                continue
+            self._book.settle(job_id, fence)
         return restarted
 
-    def _restart(self, job_id: str, attempts: int) -> bool:
+    def _resend(self, job_id: str, attempts: int) -> bool:
+        """Append `restarted` (unless a reaper that died wrote it already) and queue the job
+        again; or end it, once it has had its attempts. Whether it was queued again."""
         job = self._store.load(job_id)
         last = self._store.last_event(job_id)
         if job is None or (last is not None and is_terminal(last)):
@@ -184,15 +212,11 @@ class Reaper:
             self._store.append(job_id, ErrorEvent(body))
             logger.error("job %s lost its worker %d times; ended it", job_id, attempts)
             return False
-        restarted = StatusEvent(JobState.RESTARTED, resumes_after=last["seq"] if last else 0)
-        if self._store.append(job_id, restarted) is None:
-            return False  # it ended meanwhile
-        try:
-            self._send(job)
-        except Exception:  # the broker is down: try again on a later beat
-            logger.exception("could not re-send job %s; will retry", job_id)
-            self._book.lapse(job_id)
-            return False
+        if last is None or last.get("state") != JobState.RESTARTED.value:
+            restarted = StatusEvent(JobState.RESTARTED, resumes_after=last["seq"] if last else 0)
+            if self._store.append(job_id, restarted) is None:
+                return False  # it ended meanwhile
+        self._send(job)
         logger.warning("job %s lost its worker; restarted it", job_id)
         if self._on_restart is not None:
             self._on_restart(job)
