@@ -8,7 +8,8 @@ from flask import Blueprint
 from pydantic.json_schema import models_json_schema
 
 from api.admission import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
-from api.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from api.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                         GenerateRequest, TokenizeRequest)
 
 bp = Blueprint("docs", __name__)
 
@@ -38,7 +39,8 @@ def openapi():
 def openapi_document() -> dict[str, Any]:
     """Build the document once: components from the request models, then the paths."""
     _, top = models_json_schema(
-        [(m, "validation") for m in (GenerateRequest, ChatCompletionRequest, CompletionRequest)],
+        [(m, "validation") for m in (GenerateRequest, ChatCompletionRequest, CompletionRequest,
+                                     TokenizeRequest, DetokenizeRequest)],
         ref_template=REF)
     schemas = {**top["$defs"], "Error": ERROR}
     return {"openapi": "3.1.0", "info": {"title": "Dawet", "version": "0.1.0"},
@@ -62,6 +64,8 @@ def _paths() -> dict[str, Any]:
         "/v1/models/{model_id}": {"parameters": [_path_param("model_id")],
                                   "get": _operation("200", "one model", "404")},
         "/v1/chat/models": {"get": _operation("200", "models for the chat page")},
+        "/tokenize": {"post": _body("TokenizeRequest", "the prompt's token ids")},
+        "/detokenize": {"post": _body("DetokenizeRequest", "the text of token ids")},
         "/v1/usage": {"parameters": [_query_param(name) for name in
                                      ("start_date", "end_date", "key")],
                       "get": _operation("200", "requests and tokens per key, model and day, "
@@ -79,11 +83,17 @@ def _paths() -> dict[str, Any]:
     }
 
 
-def _submit(schema: str, status: str, what: str) -> dict[str, Any]:
-    """A POST that validates a JSON body and admits a job."""
-    operation = _operation(status, what, *ERRORS)
+def _body(schema: str, what: str, status: str = "200", *errors: str) -> dict[str, Any]:
+    """A POST that validates a JSON body."""
+    operation = _operation(status, what, *(errors or ("400", "404")))
     operation["requestBody"] = {"required": True, "content": {
         "application/json": {"schema": {"$ref": REF.format(model=schema)}}}}
+    return operation
+
+
+def _submit(schema: str, status: str, what: str) -> dict[str, Any]:
+    """A POST that validates a JSON body and admits a job."""
+    operation = _body(schema, what, status, *ERRORS)
     operation["parameters"] = [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
                                 "schema": {"type": "string", "minLength": 1,
                                            "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH}}]

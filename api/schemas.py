@@ -108,6 +108,34 @@ class GenerateRequest(SamplingFields):
                            system_prompt=self.system_prompt)
 
 
+class TokenizeRequest(StrictModel):
+    """POST /tokenize (vLLM's shape): a raw `prompt`, or `messages` through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # a raw prompt's BOS token, as a completion's prompt has
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+    def prompt_input(self) -> PromptInput:
+        if self.prompt is not None:
+            return PromptInput("prompt", text=self.prompt)
+        return PromptInput("messages", messages=tuple(Message(m.role, m.content)
+                                                      for m in self.messages or ()))
+
+
+class DetokenizeRequest(StrictModel):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1_000_000)
+
+
 # --- OpenAI-compatible requests (/v1/chat/completions, /v1/completions) ---
 
 def _unsupported(value: Any) -> Any:

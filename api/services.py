@@ -109,7 +109,7 @@ class Services:
         self.admission.check_model_access(spec)
         params = request.sampling_params(spec)
         prompt = request.prompt_input()
-        prompt_ids = self._prompt_ids(spec, prompt)
+        prompt_ids = self.prompt_ids(spec, prompt)
         check_context(spec, len(prompt_ids), params, prompt.param)
         if require_worker and not self.workers.serves(spec.name):
             raise APIError(503, f"no worker serves model {spec.name} right now; retry shortly",
@@ -204,7 +204,8 @@ class Services:
             raise APIError(422, f"the chat template of model {spec.name} refuses these "
                            f"messages: {exc}", "chat_template_error", param=param) from exc
 
-    def _prompt_ids(self, spec: ModelSpec, prompt: PromptInput) -> list[int]:
+    def prompt_ids(self, spec: ModelSpec, prompt: PromptInput) -> list[int]:
+        """The token ids a generation from `prompt` is given."""
         if prompt.text is None:
             return self.chat_prompt_ids(spec, list(prompt.messages), prompt.system_prompt,
                                         prompt.param)

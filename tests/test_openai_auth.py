@@ -18,7 +18,8 @@ PROTECTED = [("GET", "/v1/models"), ("GET", "/v1/models/dawet-demo"),
              ("POST", "/v1/generate"), ("GET", "/v1/jobs/some-job"),
              ("DELETE", "/v1/jobs/some-job"), ("GET", "/v1/jobs/some-job/stream"),
              ("GET", "/v1/chat/models"), ("GET", "/v1/conversations/some-conversation"),
-             ("DELETE", "/v1/conversations/some-conversation"), ("GET", "/v1/chat")]
+             ("DELETE", "/v1/conversations/some-conversation"), ("GET", "/v1/chat"),
+             ("GET", "/v1/usage"), ("POST", "/tokenize"), ("POST", "/detokenize")]
 
 WEBSOCKET_UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
