@@ -81,15 +81,13 @@ class SamplingFields(StrictModel):
         )
 
 
-class GenerateRequest(SamplingFields):
-    """POST /v1/generate: a chat (`messages`) or a raw `prompt`, for one model."""
+class PromptOrMessages(StrictModel):
+    """A raw `prompt`, or chat `messages` for the model's chat template, for one model."""
 
     model: str | None = None
     prompt: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     system_prompt: str | None = None  # replaces the model's default system prompt
-    # Seconds the job may wait for a worker; not started by then, it expires.
-    deadline_seconds: float | None = Field(None, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self):
@@ -108,25 +106,17 @@ class GenerateRequest(SamplingFields):
                            system_prompt=self.system_prompt)
 
 
-class TokenizeRequest(StrictModel):
-    """POST /tokenize (vLLM's shape): a raw `prompt`, or `messages` through the chat template."""
+class GenerateRequest(SamplingFields, PromptOrMessages):
+    """POST /v1/generate: a chat (`messages`) or a raw `prompt`, for one model."""
 
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    # Seconds the job may wait for a worker; not started by then, it expires.
+    deadline_seconds: float | None = Field(None, gt=0, le=86_400)
+
+
+class TokenizeRequest(PromptOrMessages):
+    """POST /tokenize (vLLM's shape): what a generation from this prompt would be given."""
+
     add_special_tokens: bool = True  # a raw prompt's BOS token, as a completion's prompt has
-
-    @model_validator(mode="after")
-    def _prompt_or_messages(self):
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` or `messages`")
-        return self
-
-    def prompt_input(self) -> PromptInput:
-        if self.prompt is not None:
-            return PromptInput("prompt", text=self.prompt)
-        return PromptInput("messages", messages=tuple(Message(m.role, m.content)
-                                                      for m in self.messages or ()))
 
 
 class DetokenizeRequest(StrictModel):
