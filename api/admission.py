@@ -16,7 +16,7 @@ from flask import g, request
 from kombu.exceptions import ChannelError
 
 from api.errors import APIError
-from api.keys import EVERYONE
+from api.keys import EVERYONE, Principal
 from dawet.settings import Settings
 from model_store.registry import ModelSpec
 
@@ -82,9 +82,9 @@ class Admission:
         self._lock = threading.Lock()
         self._broker_redis = _broker_redis(settings, client)
 
-    def check_model_access(self, spec: ModelSpec) -> None:
+    def check_model_access(self, who: Principal, spec: ModelSpec) -> None:
         """A 403 when the request's API key is scoped to other models."""
-        if not g.principal.may_use(spec.name):
+        if not who.may_use(spec.name):
             raise APIError(403, f"this API key may not use model {spec.name!r}",
                            "model_not_allowed", "permission_error", param="model")
 

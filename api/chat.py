@@ -133,7 +133,7 @@ def _queue_reply(svc: Services, conversation: Conversation, user: str,
                  sampling: SamplingFields, before: int) -> Turn:
     """Build the prompt from the history before turn `before`, trimmed to fit, and queue it."""
     spec = svc.model(conversation.model)
-    svc.admission.check_model_access(spec)
+    svc.admission.check_model_access(principal(), spec)
     params = sampling.sampling_params(spec)
     prompt_ids, kept = fit_history(
         conversation.history(before), Message("user", user),

@@ -51,6 +51,10 @@ class Principal:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def budget(self, default: int) -> int:
+        """Tokens this key may use per UTC day (0: no budget); `default` unless it has its own."""
+        return default if self.daily_tokens is None else self.daily_tokens
+
     def may_see(self, owner: str | None) -> bool:
         """Whether a resource created by `owner` exists for this principal."""
         return self.admin or owner == self.name

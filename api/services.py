@@ -16,8 +16,8 @@ from api.admission import Admission, too_many
 from api.conversations import ConversationStore
 from api.errors import APIError, invalid, job_not_found
 from api.keys import KeyRing, KeyStore, Principal
-from api.offload import off_loop
 from api.metrics import note_admitted
+from api.offload import off_loop
 from api.schemas import GenerationRequest, PromptInput
 from dawet.settings import Settings
 from model_store.registry import ModelSpec, Registry, load_registry
@@ -106,7 +106,7 @@ class Services:
                job_id: str) -> Job:
         """Check the request against the model and the limits, then queue it as `job_id`."""
         spec = self.model(request.model)
-        self.admission.check_model_access(spec)
+        self.admission.check_model_access(who, spec)
         params = request.sampling_params(spec)
         prompt = request.prompt_input()
         prompt_ids = self.prompt_ids(spec, prompt)
@@ -145,7 +145,7 @@ class Services:
 
     def _charge(self, who: Principal, spec: ModelSpec, cost: int) -> Charge:
         """Count the request against `who`'s usage and hold its cost against the daily budget."""
-        budget = self.settings.daily_token_budget if who.daily_tokens is None else who.daily_tokens
+        budget = who.budget(self.settings.daily_token_budget)
         try:
             return self.usage.admit(who.name, spec.name, cost, budget)
         except BudgetExceeded:

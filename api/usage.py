@@ -60,7 +60,7 @@ def _key_filter(who: Principal) -> str | None:
 
 def _budget(svc: Services, who: Principal) -> dict[str, int | None]:
     """The key's daily budget and what it has spent and holds (jobs in flight) today."""
-    budget = svc.settings.daily_token_budget if who.daily_tokens is None else who.daily_tokens
+    budget = who.budget(svc.settings.daily_token_budget)
     spent, held = svc.usage.spent(who.name)
     return {"daily_tokens": budget or None, "spent_today": spent, "held": held}
 
