@@ -15,7 +15,7 @@ from model_store.registry import Backend, load_registry
 from tasks.engine.batching.engine import BatchingEngine
 from tasks.engine.batching.scheduler import (PACKED_PROMPT_TOKENS, PREFILL_PADDING, Request,
                                              prefill_groups, split_admitted)
-from tasks.jobs.contract import FinishReason, Job, SamplingParams
+from tasks.jobs.contract import FinishReason, Job, SamplingParams, TokenEvent
 from tasks.engine.interface import TokenStep, iterate
 from tasks.engine.sequential import SequentialEngine
 from tasks.jobs.log import JobStore
@@ -398,3 +398,33 @@ def test_a_step_that_fails_after_its_forward_pass_fails_its_rows_and_joiners_and
         assert after == _alone(loaded, [prompts[1]], [params[1]])[0]
     finally:
         engine.close()
+
+
+def _continue_after(redis_client, engine, loaded, params: SamplingParams, earlier: list[dict],
+                    delivered: int) -> list[dict]:
+    """Run a job as attempt 2, after an attempt that delivered `earlier`'s first token events."""
+    store = JobStore(redis_client, 600)
+    job = Job(model=DEMO_MODEL, prompt_token_ids=loaded.tokenizer.encode("Once upon a time"),
+              params=params)
+    store.create(job)
+    for event in [e for e in earlier if e["type"] == "token"][:delivered]:
+        store.append(job.id, TokenEvent(event["text"], tuple(event["ids"])))
+    store.redis.hset(f"dawet:job:{{{job.id}}}", "fence", 2)  # as a second claim leaves it
+    JobRunner(store, engine, loaded.tokenizer, "test", 0.0).run(job, fence=2)
+    return store.read(job.id)
+
+
+def test_a_continued_reply_is_the_greedy_reply_and_deterministic_for_a_seed(redis_client,
+                                                                            engine, loaded):
+    whole = _run_job(redis_client, engine, loaded, GREEDY_64, 0.0)
+    greedy = _continue_after(redis_client, engine, loaded, GREEDY_64, whole, 20)
+    assert "".join(_texts(greedy)) == "".join(_texts(whole))
+    assert greedy[-1]["usage"] == whole[-1]["usage"]
+    seeded = SamplingParams(max_new_tokens=48, min_new_tokens=48, temperature=0.9, top_p=0.95,
+                            seed=11)
+    earlier = _run_job(redis_client, engine, loaded, seeded, 0.0)
+    first, second = (_continue_after(redis_client, engine, loaded, seeded, earlier, 12)
+                     for _ in range(2))
+    assert _texts(first) == _texts(second)  # the same seam and seed: the same continuation
+    assert _texts(first)[:12] == _texts(earlier)[:12]
+    assert first[-1]["usage"]["completion_tokens"] == 48
