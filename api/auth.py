@@ -33,13 +33,6 @@ def principal() -> Principal:
     return g.principal
 
 
-def owned(owner: str | None, not_found: APIError) -> None:
-    """Raise `not_found` unless the current principal may see a resource of `owner`: another
-    key's resource does not exist for it, so that its existence is not revealed."""
-    if not principal().may_see(owner):
-        raise not_found
-
-
 def require_api_key_under_v1() -> None:
     """The check above, for a blueprint that also serves open pages outside /v1."""
     if request.path.startswith("/v1/"):

@@ -23,7 +23,6 @@ from api.errors import APIError, invalid
 from api.extensions import sock
 from api.jobs import relay_events
 from api.keys import Principal
-from api.openai import usable_models
 from api.schemas import (ChatCancel, ChatFrame, ChatRegenerate, ChatResume, ChatSend,
                          SamplingFields, parse_chat_frame)
 from api.services import Services, check_context, services
@@ -49,7 +48,7 @@ def chat_models():
     models = [{"name": spec.name, "context_length": spec.context_length,
                "max_new_tokens_limit": spec.max_new_tokens_limit,
                "system_prompt": spec.system_prompt, "defaults": spec.defaults.model_dump()}
-              for spec in usable_models(svc)]
+              for spec in svc.usable_models(principal())]
     return {"default": svc.registry.default_name, "models": models}
 
 

@@ -127,7 +127,8 @@ def list_models():
     """List the registry's models that the key may use, each with whether a live worker
     serves it."""
     svc = services()
-    return {"object": "list", "data": [_model_card(svc, spec) for spec in usable_models(svc)]}
+    return {"object": "list",
+            "data": [_model_card(svc, spec) for spec in svc.usable_models(principal())]}
 
 
 @bp.get("/models/<path:model_id>")
@@ -135,11 +136,6 @@ def get_model(model_id: str):
     """Describe one registry model (a model the key may not use does not exist for it)."""
     svc = services()
     return _model_card(svc, svc.usable_model(principal(), model_id))
-
-
-def usable_models(svc: Services) -> list[ModelSpec]:
-    """The registry's models that the current key may use."""
-    return [spec for spec in svc.registry.models.values() if principal().may_use(spec.name)]
 
 
 def _model_card(svc: Services, spec: ModelSpec) -> dict[str, Any]:

@@ -69,6 +69,10 @@ class Services:
         return APIError(404, f"model {name!r} does not exist; see the registry",
                         "model_not_found", param="model")
 
+    def usable_models(self, who: Principal) -> list[ModelSpec]:
+        """The registry's models that `who` may use."""
+        return [spec for spec in self.registry.models.values() if who.may_use(spec.name)]
+
     def usable_model(self, who: Principal, name: str | None) -> ModelSpec:
         """As `model`, but a model that `who` may not use is as good as missing."""
         spec = self.model(name)

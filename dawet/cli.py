@@ -69,7 +69,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def run_api(args: argparse.Namespace) -> int:
     settings = get_settings()
-    if settings.require_api_keys and not (settings.api_keys or settings.admin_api_keys):
+    if settings.require_api_keys and not settings.has_configured_keys():
         logger.error("refusing to start the API without API keys: DAWET_REQUIRE_API_KEYS is "
                      "set but DAWET_API_KEYS and DAWET_ADMIN_API_KEYS are empty. Set one to "
                      "the SHA-256 digest of a key, e.g. `printf %%s \"$KEY\" | sha256sum`.")

@@ -145,9 +145,13 @@ class Settings(BaseSettings):
         """(the engine's CPUs, the other processes'), or None when nothing is pinned."""
         return split_cpus(parse_cpu_list(self.engine_cpus)) if self.engine_cpus else None
 
+    def has_configured_keys(self) -> bool:
+        """Whether api_keys or admin_api_keys holds a key."""
+        return bool(self.api_keys or self.admin_api_keys)
+
     def auth_enabled(self) -> bool:
         """Whether requests need an API key."""
-        return bool(self.api_keys or self.admin_api_keys or self.require_api_keys)
+        return self.has_configured_keys() or self.require_api_keys
 
     def cors_origin_list(self) -> list[str]:
         """The origins allowed by CORS; empty when CORS is off."""
@@ -178,7 +182,7 @@ API_KEY_ENTRY = re.compile(rf"(?:(?P<name>{KEY_NAME.pattern})=)?(?P<digest>[0-9a
 
 def _lower_digest(entry: str) -> str:
     """Lower-case an API key entry's digest, keeping its name and model names as written."""
-    name, equals, rest = entry.partition("=") if "=" in entry else ("", "", entry)
+    name, equals, rest = entry.rpartition("=")  # ("", "", entry) without a name
     digest, sep, models = rest.partition(":")
     return name + equals + digest.lower() + sep + models
 

@@ -18,12 +18,13 @@ import redis
 from tasks.jobs.contract import Charge
 
 DAY_SECONDS = 86_400
+DAY_KEY_PREFIX = "dawet:usage:"  # then the day's number
 TOTAL_KEY = "dawet:usage:total"
 COUNTS = ("requests", "prompt_tokens", "completion_tokens")
 
 
 def day_key(day: int) -> str:
-    return f"dawet:usage:{day}"
+    return f"{DAY_KEY_PREFIX}{day}"
 
 
 def today() -> int:
@@ -65,7 +66,7 @@ local function settle_usage()
   if type(usage) == 'table' then
     prompt, completion = usage['prompt_tokens'], usage['completion_tokens']
   end
-  local today = 'dawet:usage:' .. day
+  local today = '""" + DAY_KEY_PREFIX + """' .. day
   redis.call('HINCRBY', today, owner .. '|held', -tonumber(held))
   redis.call('HINCRBY', today, owner .. '|spent', prompt + completion)
   for _, key in ipairs({today, '""" + TOTAL_KEY + """'}) do
@@ -115,10 +116,9 @@ class UsageBook:
         """Undo `admit` for a request that was not queued after all."""
         self._refund(keys=[day_key(charge.day), TOTAL_KEY], args=[owner, model, charge.held])
 
-    def spent(self, owner: str, day: int | None = None) -> tuple[int, int]:
-        """(tokens used, tokens held by jobs in flight) of a key on a day (default today)."""
-        spent, held = self.redis.hmget(day_key(today() if day is None else day),
-                                       f"{owner}|spent", f"{owner}|held")
+    def spent(self, owner: str) -> tuple[int, int]:
+        """(tokens used, tokens held by jobs in flight) of a key today."""
+        spent, held = self.redis.hmget(day_key(today()), f"{owner}|spent", f"{owner}|held")
         return int(spent or 0), int(held or 0)
 
     def days(self, first: int, last: int) -> dict[int, list[UsageRow]]:
