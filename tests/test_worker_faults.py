@@ -79,6 +79,15 @@ def _read_to_end(ws: websocket.WebSocket, events: list[dict]) -> list[dict]:
     return events
 
 
+def _long_job_running(pair: Stack, api: httpx.Client, pair_redis: redis.Redis):
+    """With two live workers, a LONG job that has streamed its first token: (job, its open
+    stream, the events so far, the worker Child running it)."""
+    _two_live_workers(pair, pair_redis)
+    job = submit(api, **LONG)
+    ws, events = _start_and_watch(job)
+    return job, ws, events, _runner_of(pair, events)
+
+
 def _runner_of(pair: Stack, events: list[dict]):
     """The worker Child named in the job's `started` event."""
     worker = next(e["worker"] for e in events if e.get("state") == "started")
@@ -103,10 +112,7 @@ def _assert_one_continued_reply(events: list[dict], reference: str) -> None:
 def test_a_killed_workers_job_is_restarted_on_the_other_and_completes_once(pair, api,
                                                                            pair_redis,
                                                                            uninterrupted):
-    _two_live_workers(pair, pair_redis)
-    job = submit(api, **LONG)
-    ws, events = _start_and_watch(job)
-    victim = _runner_of(pair, events)
+    job, ws, events, victim = _long_job_running(pair, api, pair_redis)
     victim.process.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     while events[-1].get("state") != "restarted":
@@ -147,10 +153,7 @@ def test_a_redelivered_job_runs_neither_beside_its_live_worker_nor_after_its_end
 
 
 def test_sigterm_drains_the_running_job_before_the_worker_exits(pair, api, pair_redis):
-    _two_live_workers(pair, pair_redis)
-    job = submit(api, **LONG)
-    ws, events = _start_and_watch(job)
-    worker = _runner_of(pair, events)
+    job, ws, events, worker = _long_job_running(pair, api, pair_redis)
     worker.process.send_signal(signal.SIGTERM)
     events = _read_to_end(ws, events)
     assert worker.process.wait(30) == 0
@@ -160,10 +163,7 @@ def test_sigterm_drains_the_running_job_before_the_worker_exits(pair, api, pair_
 
 def test_a_frozen_worker_that_wakes_after_its_job_moved_writes_nothing(pair, api, pair_redis,
                                                                        uninterrupted):
-    _two_live_workers(pair, pair_redis)
-    job = submit(api, **LONG)
-    ws, events = _start_and_watch(job)
-    frozen = _runner_of(pair, events)
+    job, ws, events, frozen = _long_job_running(pair, api, pair_redis)
     group = [psutil.Process(frozen.process.pid)]
     group += group[0].children(recursive=True)  # its engine process too
     for process in group:
@@ -206,10 +206,7 @@ def test_a_job_that_kills_its_engine_every_time_ends_with_worker_lost(pair, api,
 
 def test_a_worker_whose_engine_hangs_exits_and_its_job_runs_on_the_other(pair, api, pair_redis,
                                                                           uninterrupted):
-    _two_live_workers(pair, pair_redis)
-    job = submit(api, **LONG)
-    ws, events = _start_and_watch(job)
-    worker = _runner_of(pair, events)
+    job, ws, events, worker = _long_job_running(pair, api, pair_redis)
     engine = engine_process_of(worker.process.pid)
     engine.suspend()  # a hang, not a crash: the process lives and sends nothing
     assert worker.process.wait(30) == 75  # the watchdog's exit, after engine_stall_seconds
