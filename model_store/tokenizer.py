@@ -75,6 +75,11 @@ class ChatTokenizer:
         """Text for token ids, without special tokens."""
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text decoded alone, special tokens included (a log-probability's
+        alternative token, out of its context)."""
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
     def _eos_ids(self, model_dir: Path) -> frozenset[int]:
         """End-of-sequence ids from generation_config.json, else the tokenizer's eos token."""
         configured = _read_json(model_dir / "generation_config.json").get("eos_token_id")

@@ -38,7 +38,7 @@ class _Outbox:
         self._pending: list[msg.Step | msg.End] = []
 
     def step(self, rid: int, step: TokenStep) -> None:
-        message = msg.Step(rid, step.token_id, step.finish)
+        message = msg.Step(rid, step.token_id, step.finish, step.logprobs)
         if not self._batched:
             self.send(msg.Steps([message]))
             return

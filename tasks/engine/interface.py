@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from tasks.jobs.contract import FinishReason, SamplingParams
 
@@ -30,12 +30,27 @@ class EngineStats:
     gpu_memory_bytes: tuple[int, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StepLogprobs:
+    """The log-probability of a step's token, and the likeliest tokens' (id, log-probability),
+    best first: from the model's distribution as the grammar (if any) left it, before penalties
+    and temperature, as vLLM's raw logprobs."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class TokenStep:
     """One decode step: a new token, and the finish reason when this step ends the sequence."""
 
     token_id: int | None  # None when the step only reports the end (end-of-sequence, cancel)
     finish: FinishReason | None = None
+    logprobs: StepLogprobs | None = None  # the token's, when its request asked for them
+
+
+class InvalidSchema(ValueError):
+    """The request's JSON Schema cannot be compiled into a grammar; the message says why."""
 
 
 CANCELLED_STEP = TokenStep(None, FinishReason.CANCELLED)
@@ -56,6 +71,7 @@ class Request:
     on_end: EndCallback
     ended: bool = False  # it finished, its sink asked to stop or failed: nothing more reaches it
     error: BaseException | None = None
+    constraint: Any = None  # its JSON Schema's grammar (tasks/engine/structured.py), if any
 
     @property
     def reserved_tokens(self) -> int:
@@ -152,13 +168,14 @@ def drive(steps: Iterator[TokenStep], sink: StepSink) -> None:
                 return
 
 
-def step_for(token: int, produced: int, params: SamplingParams,
-             eos_ids: frozenset[int]) -> TokenStep:
-    """The step for the `produced`-th sampled token: EOS stops, the limit ends with `length`."""
+def step_for(token: int, produced: int, params: SamplingParams, eos_ids: frozenset[int],
+             logprobs: StepLogprobs | None = None) -> TokenStep:
+    """The step for the `produced`-th sampled token: EOS stops (a grammar ends a structured
+    reply by allowing only EOS), the limit ends with `length`."""
     if token in eos_ids:
         return TokenStep(None, FinishReason.STOP)
     at_limit = produced == params.max_new_tokens
-    return TokenStep(token, FinishReason.LENGTH if at_limit else None)
+    return TokenStep(token, FinishReason.LENGTH if at_limit else None, logprobs)
 
 
 def cuda_memory_allocated() -> tuple[int, ...]:

@@ -192,7 +192,8 @@ class EngineProcess:
                 continue
             for item in message.items:
                 if isinstance(item, msg.Step):
-                    self._deliver(item.rid, TokenStep(item.token_id, item.finish))
+                    self._deliver(item.rid, TokenStep(item.token_id, item.finish,
+                                                      item.logprobs))
                 else:
                     self._end(item.rid, item.error)
         if not self._closing:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from model_store.registry import ModelSpec
 from tasks.engine.factory import EngineInfo, EngineOptions
-from tasks.engine.interface import EngineStats
+from tasks.engine.interface import EngineStats, StepLogprobs
 from tasks.jobs.contract import FinishReason, SamplingParams
 
 
@@ -67,6 +67,7 @@ class Step:
     rid: int
     token_id: int | None
     finish: FinishReason | None
+    logprobs: StepLogprobs | None = None
 
 
 @dataclass(frozen=True, slots=True)

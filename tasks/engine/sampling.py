@@ -4,6 +4,11 @@ The processors match transformers' (repetition penalty, min new tokens, temperat
 top-p, in that order) but run once over the whole batch with per-row parameter tensors, so a
 batch of 64 costs about as much as one row. One row alone goes through the same code, so a
 request samples the same tokens alone or in a batch.
+
+A request with a JSON Schema has its row masked to what its grammar allows first
+(tasks/engine/structured.py). Log-probabilities, for the rows that ask, come from that
+distribution before penalties and temperature (vLLM's "raw_logprobs"): one log_softmax over
+those rows only, so requests that do not ask pay nothing.
 """
 from __future__ import annotations
 
@@ -12,15 +17,20 @@ from collections.abc import Sequence
 
 import torch
 
+from tasks.engine.interface import StepLogprobs
+from tasks.engine.structured import Constraint, constrain
 from tasks.jobs.contract import SamplingParams
 
 
 class Sampler:
-    """One request's sampling state: its params, seeded generator and the tokens it has seen."""
+    """One request's sampling state: its params, seeded generator, the tokens it has seen, its
+    grammar's constraint if it has a schema, and the log-probabilities of its last token if it
+    asked for them."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], eos_ids: frozenset[int],
-                 device: torch.device):
-        self.params, self.device = params, device
+                 device: torch.device, constraint: Constraint | None = None):
+        self.params, self.device, self.constraint = params, device, constraint
+        self.logprobs: StepLogprobs | None = None  # the last chosen token's, when asked
         self.greedy = params.temperature == 0.0
         self.eos_ids = sorted(eos_ids)
         self.produced = 0
@@ -44,11 +54,15 @@ class Sampler:
             self._seen[0, self._prompt_ids] = True
         return self._seen
 
-    def record(self, token: int) -> None:
-        """Count a chosen token and remember it for the repetition penalty."""
+    def record(self, token: int, logprobs: StepLogprobs | None = None) -> None:
+        """Count a chosen token, remember it for the repetition penalty and advance the
+        grammar past it."""
         self.produced += 1
+        self.logprobs = logprobs
         if self._seen is not None:
             self._seen[0, token] = True
+        if self.constraint is not None:
+            self.constraint.accept(token)
 
 
 class NonFiniteLogits(ArithmeticError):
@@ -63,17 +77,37 @@ def sample_batch(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int 
     row whose logits are not finite (NaN, +inf, or all -inf: an fp16 overflow, say), which
     would make no sense to sample and made the draw loop forever."""
     scores, broken = _finite_rows(logits.float())
-    scores = _min_new_tokens(samplers, _repetition_penalty(samplers, scores))
+    allowed = constrain([s.constraint for s in samplers], scores)  # the grammars' masks
+    scores = _min_new_tokens(samplers, _repetition_penalty(samplers, allowed))
     if all(s.greedy for s in samplers):
         tokens = scores.argmax(dim=-1).tolist()
     else:
         tokens = _draw(samplers, _temperature(samplers, scores))
+    logprobs = _logprobs(samplers, allowed, tokens, broken)
     for index, (sampler, token) in enumerate(zip(samplers, tokens)):
         if index in broken:
             tokens[index] = None
         else:
-            sampler.record(token)
+            sampler.record(token, logprobs.get(index))
     return tokens
+
+
+def _logprobs(samplers: Sequence[Sampler], scores: torch.Tensor, tokens: list[int],
+              broken: set[int]) -> dict[int, StepLogprobs]:
+    """The chosen token's log-probability and the likeliest alternatives, by row index, for the
+    rows that asked: one log_softmax and one top-k over those rows only."""
+    rows = [i for i, s in enumerate(samplers)
+            if s.params.logprobs is not None and i not in broken]
+    if not rows:
+        return {}
+    logprobs = scores[rows].log_softmax(dim=-1)
+    picked = torch.tensor([[tokens[i]] for i in rows], device=logprobs.device)
+    chosen = logprobs.gather(1, picked).flatten().tolist()
+    best, ids = logprobs.topk(max(samplers[i].params.logprobs for i in rows), dim=-1)
+    best, ids = best.tolist(), ids.tolist()
+    wanted = [samplers[row].params.logprobs for row in rows]
+    return {row: StepLogprobs(chosen[n], tuple(zip(ids[n], best[n]))[:wanted[n]])
+            for n, row in enumerate(rows)}
 
 
 def _finite_rows(scores: torch.Tensor) -> tuple[torch.Tensor, set[int]]:

@@ -11,6 +11,7 @@ from tasks.jobs.contract import SamplingParams
 from tasks.engine.interface import CANCELLED_STEP, StepSink, TokenStep, drive, step_for
 from tasks.engine.interface import EngineStats
 from tasks.engine.sampling import Sampler
+from tasks.engine.structured import Grammars
 
 
 class SequentialEngine:
@@ -18,6 +19,7 @@ class SequentialEngine:
 
     def __init__(self, loaded: LoadedModel):
         self._loaded = loaded
+        self._grammars = Grammars.for_model(loaded)
         self._lock = threading.Lock()
         self._callers = 0  # requests running or waiting for the lock
         self._count_lock = threading.Lock()
@@ -48,7 +50,7 @@ class SequentialEngine:
                 cancel: threading.Event) -> Iterator[TokenStep]:
         model, device = self._loaded.model, self._loaded.device
         eos_ids = self._loaded.tokenizer.eos_token_ids
-        sampler = Sampler(params, prompt_ids, eos_ids, device)
+        sampler = Sampler(params, prompt_ids, eos_ids, device, self._grammars.constraint(params))
         step_input, cache = torch.tensor([prompt_ids], device=device), None
         for produced in range(1, params.max_new_tokens + 1):
             if cancel.is_set():
@@ -57,7 +59,8 @@ class SequentialEngine:
             with torch.inference_mode():
                 out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            step = step_for(sampler.next_token(out.logits[:, -1, :]), produced, params, eos_ids)
+            token = sampler.next_token(out.logits[:, -1, :])
+            step = step_for(token, produced, params, eos_ids, sampler.logprobs)
             yield step
             if step.finish is not None:
                 return

@@ -15,6 +15,10 @@ becomes an abort here), and how a step ends (tasks.engine.interface.step_for). v
 the model's end-of-sequence ids, which we pass as stop_token_ids, so `min_new_tokens` holds
 them back there too.
 
+A JSON Schema goes to vLLM's structured outputs (its xgrammar backend, compact JSON), with the
+tokens a JSON reply never holds left out as ours leaves them out (tasks/engine/structured.py);
+log-probabilities are vLLM's raw ones, as ours are.
+
 If this process dies, the worker sees its engine process gone and exits, and the jobs' leases
 lapse so they run elsewhere. A step that raises fails the requests in it; serving goes on.
 """
@@ -33,8 +37,9 @@ from pathlib import Path
 from model_store.registry import ModelSpec, Quantization
 from model_store.tokenizer import ChatTokenizer
 from tasks.engine.factory import EngineInfo, EngineOptions
-from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, Request, StepSink,
-                                    TokenStep, run_submitted, step_for)
+from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, InvalidSchema,
+                                    Request, StepLogprobs, StepSink, TokenStep, run_submitted,
+                                    step_for)
 from tasks.jobs.contract import FinishReason, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -72,6 +77,7 @@ class VllmEngine:
         self._pending: deque[_Run] = deque()
         self._runs: dict[str, _Run] = {}
         self._ids = 0
+        self._json_token_ids: list[int] | None = None  # made for the first JSON request
         self._wakeup = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="dawet-vllm", daemon=True)
@@ -142,13 +148,39 @@ class VllmEngine:
             rid = str(self._ids)
             try:
                 [prompt] = self._llm.renderer.render_cmpl([_tokens_prompt(run.prompt_ids)])
-                self._llm.add_request(rid, prompt, vllm_sampling_params(run.params, self._eos_ids),
+                self._llm.add_request(rid, prompt, self._sampling_params(run.params),
                                       lora_request=self._lora)
             except Exception as exc:  # this request only: vLLM refused it
-                logger.exception("vLLM refused a request")
-                run.deliver(exc)
+                refusal = _schema_refusal(exc, run.params)
+                if refusal is None:
+                    logger.exception("vLLM refused a request")
+                run.deliver(refusal or exc)
                 continue
             self._runs[rid] = run
+
+    def _sampling_params(self, params: SamplingParams):
+        """vLLM's parameters for ours; a JSON Schema is checked here first, so that a schema
+        no grammar can enforce is refused as our engine refuses it."""
+        if params.json_schema is None:
+            return vllm_sampling_params(params, self._eos_ids)
+        if params.json_written_ids:
+            raise RuntimeError("a JSON reply cannot resume on the vllm backend: vLLM's grammar "
+                               "starts at the reply's first token")
+        from tasks.engine.structured import check_schema
+
+        check_schema(params.json_schema)
+        return vllm_sampling_params(params, self._eos_ids, self._json_tokens())
+
+    def _json_tokens(self) -> list[int]:
+        """The token ids a JSON reply may hold (tasks.engine.structured.tokenizer_view)."""
+        if self._json_token_ids is None:
+            from tasks.engine.structured import tokenizer_view
+
+            config = self._llm.model_config
+            _, writable = tokenizer_view(config.tokenizer, config.get_vocab_size(),
+                                         self._eos_ids)
+            self._json_token_ids = writable.nonzero().flatten().tolist()
+        return self._json_token_ids
 
     def _abort_stopped(self) -> None:
         """Abort the requests that were cancelled or whose sinks asked to stop."""
@@ -176,9 +208,11 @@ class VllmEngine:
     def _deliver(self, output, run: _Run) -> None:
         """A request's new token ids, as steps; its end when vLLM or a step ended it."""
         completion = output.outputs[0]
-        for token in completion.token_ids:
+        logprobs = completion.logprobs or [None] * len(completion.token_ids)
+        for token, ranked in zip(completion.token_ids, logprobs):
             run.produced += 1
-            run.deliver(step_for(token, run.produced, run.params, self._eos_ids))
+            run.deliver(step_for(token, run.produced, run.params, self._eos_ids,
+                                 _step_logprobs(token, ranked, run.params.logprobs)))
             if run.ended:
                 break
         if output.finished:
@@ -194,27 +228,57 @@ class VllmEngine:
             run.deliver(exc)
 
 
+def _schema_refusal(exc: Exception, params: SamplingParams) -> InvalidSchema | None:
+    """A JSON request's schema refused (by our check, or by vLLM's own), as InvalidSchema; None
+    for any other failure."""
+    from vllm.exceptions import VLLMClientError
+
+    if isinstance(exc, InvalidSchema):
+        return exc
+    if params.json_schema is not None and isinstance(exc, VLLMClientError):
+        return InvalidSchema(f"the JSON schema cannot be enforced: {exc}")
+    return None
+
+
+def _step_logprobs(token: int, ranked, wanted: int | None) -> StepLogprobs | None:
+    """Ours from vLLM's {token id: Logprob} at one position (the sampled token and the top
+    `wanted` by rank)."""
+    if ranked is None or wanted is None:
+        return None
+    top = sorted((entry.rank, token_id, entry.logprob) for token_id, entry in ranked.items()
+                 if entry.rank is not None and entry.rank <= wanted)
+    return StepLogprobs(ranked[token].logprob, tuple((i, lp) for _, i, lp in top))
+
+
 def _tokens_prompt(prompt_ids: list[int]):
     from vllm.inputs import TokensPrompt
 
     return TokensPrompt(prompt_token_ids=prompt_ids)
 
 
-def vllm_sampling_params(params: SamplingParams, eos_ids: frozenset[int]):
-    """Our resolved parameters as vLLM's: token ids out (we detokenize), new tokens only."""
+def vllm_sampling_params(params: SamplingParams, eos_ids: frozenset[int],
+                         json_token_ids: list[int] | None = None):
+    """Our resolved parameters as vLLM's: token ids out (we detokenize), new tokens only; a
+    JSON Schema as structured outputs over `json_token_ids`, the tokens a JSON reply may hold."""
     from vllm import SamplingParams as VllmSamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    structured = {}
+    if params.json_schema is not None:
+        structured = {"structured_outputs": StructuredOutputsParams(
+            json=params.json_schema, disable_any_whitespace=True),
+            "allowed_token_ids": json_token_ids}
     return VllmSamplingParams(
         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
         repetition_penalty=params.repetition_penalty, seed=params.seed,
         max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
-        stop_token_ids=sorted(eos_ids), detokenize=False,
-        output_kind=RequestOutputKind.DELTA)
+        stop_token_ids=sorted(eos_ids), detokenize=False, logprobs=params.logprobs,
+        output_kind=RequestOutputKind.DELTA, **structured)
 
 
 def vllm_engine_args(spec: ModelSpec, options: EngineOptions, cuda: bool):
     """vLLM's EngineArgs for a registry model and the worker's engine options."""
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import EngineArgs
 
     extra = {}
@@ -228,7 +292,11 @@ def vllm_engine_args(spec: ModelSpec, options: EngineOptions, cuda: bool):
         model=spec.path, tokenizer=spec.path, dtype=dtype,
         max_model_len=spec.context_length, max_num_seqs=options.max_batch_size,
         enable_prefix_caching=True, generation_config="vllm",  # defaults come from our registry
-        disable_log_stats=True, seed=0, async_scheduling=True, **extra)
+        disable_log_stats=True, seed=0, async_scheduling=True,
+        # JSON Schemas: xgrammar (as our engine), compact; log-probabilities: raw (the default)
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
+                                                          disable_any_whitespace=True),
+        **extra)
 
 
 def _quantization(spec: ModelSpec, cuda: bool) -> str:

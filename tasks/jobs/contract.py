@@ -30,6 +30,9 @@ class FinishReason(str, Enum):
     CANCELLED = "cancelled"
 
 
+MAX_TOP_LOGPROBS = 20  # the most alternatives a token's log-probability may list (OpenAI's)
+
+
 class SamplingParams(BaseModel):
     """Resolved generation parameters: request values over the model's defaults."""
 
@@ -43,6 +46,22 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # The reply is compact JSON that this JSON Schema (its JSON text) accepts; None: free text.
+    # The engine compiles it (tasks/engine/structured.py); the grammar decides the reply's end.
+    json_schema: str | None = None
+    # The reply tokens an earlier attempt wrote (tasks/worker/runner.py): the grammar resumes
+    # after them.
+    json_written_ids: tuple[int, ...] = ()
+    # Report each reply token's log-probability with this many likeliest alternatives; None:
+    # report none.
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class Lane(str, Enum):
+    """The broker priority a job's message takes (tasks/worker/app.py)."""
+
+    INTERACTIVE = "interactive"  # served first
+    BATCH = "batch"  # a batch line: a worker takes it only when no interactive job waits
 
 
 class Charge(BaseModel):
@@ -67,6 +86,7 @@ class Job(BaseModel):
     deadline_at: float | None = None  # unix time; a job not started by then expires
     owner: str | None = None  # the name of the API key that created it
     charge: Charge | None = None  # None: its usage is not counted
+    lane: Lane = Lane.INTERACTIVE
 
     def expired(self, now: float) -> bool:
         """Whether the job's start deadline has passed."""
@@ -115,16 +135,38 @@ class StatusEvent:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A reply token's log-probability, and the likeliest tokens in its place, best first.
+
+    `token` is the token's text as the reply spells it (the tokens of a reply join into its
+    text); the alternatives' texts are each token decoded alone."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob,
+                "top_logprobs": [{"token": text, "logprob": lp} for text, lp in self.top]}
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     text: str
     # The token ids generated since the previous token event, the text of some of which may
     # still be held back (a possible stop sequence, an incomplete character): a new attempt
     # continues the reply from exactly these (tasks/worker/runner.py).
     ids: tuple[int, ...] = ()
+    # The log-probabilities of the tokens whose text ends in this event, when the job asked
+    # for them; a token held back by a stop sequence is never reported.
+    logprobs: tuple[TokenLogprob, ...] | None = None
     type: str = field(default="token", init=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "text": self.text, "ids": list(self.ids)}
+        data = {"type": self.type, "text": self.text, "ids": list(self.ids)}
+        if self.logprobs is not None:
+            data["logprobs"] = [entry.to_dict() for entry in self.logprobs]
+        return data
 
 
 @dataclass(frozen=True)
@@ -150,6 +192,7 @@ class ErrorEvent:
 
 DEADLINE_EXCEEDED = "deadline_exceeded"  # the error code of a job that expired unstarted
 WORKER_LOST = "worker_lost"  # the error code of a job that lost its worker max_attempts times
+INVALID_SCHEMA = "invalid_schema"  # the error code of a JSON Schema no engine can enforce
 
 Event = StatusEvent | TokenEvent | DoneEvent | ErrorEvent
 TERMINAL_TYPES = frozenset({"done", "error"})

@@ -5,11 +5,15 @@ from celery import Celery
 from click import Option
 
 from dawet.settings import Settings, get_settings
-from tasks.jobs.contract import Job
+from tasks.jobs.contract import Job, Lane
 
 GENERATE_TASK = "dawet.generate"
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.25,
                         "interval_max": 0.5}
+# The message priority of each lane. kombu's Redis transport keeps one list per priority and
+# pops 0's before 9's, so a worker takes a batch line only when no interactive job waits
+# (RabbitMQ honours it only on a queue declared with x-max-priority).
+LANE_PRIORITY = {Lane.INTERACTIVE: 0, Lane.BATCH: 9}
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -33,12 +37,13 @@ def create_celery(settings: Settings) -> Celery:
 
 
 def send_job(app: Celery, job: Job, queue: str) -> None:
-    """Queue a job for its model's workers; the Celery task id is the job id.
+    """Queue a job for its model's workers, at its lane's priority; the Celery task id is the
+    job id.
 
     The repr Celery shows for the task's arguments is the job id: by default it would format
     the whole job, prompt token ids included, on every submission."""
     app.send_task(GENERATE_TASK, args=[job.model_dump(mode="json")], queue=queue, task_id=job.id,
-                  argsrepr=f"(job {job.id},)", kwargsrepr="{}")
+                  priority=LANE_PRIORITY[job.lane], argsrepr=f"(job {job.id},)", kwargsrepr="{}")
 
 
 def _add_worker_options(app: Celery) -> None:

@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from model_store.tokenizer import ChatTokenizer
-from tasks.jobs.contract import (DoneEvent, ErrorBody, ErrorEvent, FinishReason, Job, JobState,
-                                 SamplingParams, StatusEvent, TokenEvent, Usage)
-from tasks.engine.interface import Engine, TokenStep
+from tasks.jobs.contract import (INVALID_SCHEMA, DoneEvent, ErrorBody, ErrorEvent, FinishReason,
+                                 Job, JobState, SamplingParams, StatusEvent, TokenEvent,
+                                 TokenLogprob, Usage)
+from tasks.engine.interface import Engine, InvalidSchema, StepLogprobs, TokenStep
 from tasks.jobs.log import CancelListener, EventWriteFailed, EventWriter, JobStore, StaleAttempt
 from tasks.worker.metrics import in_flight, observe_job
-from tasks.worker.textstream import IncrementalDecoder, StopMatcher
+from tasks.worker.textstream import IncrementalDecoder, SpelledTokens, StopMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -30,25 +31,34 @@ class ChunkBuffer:
     """Coalesce a job's text into token events: the first at once, then one per interval.
 
     Each event carries the ids of every token pushed since the last one, so the log's ids
-    always lead to exactly the log's text (plus what the decoder holds back)."""
+    always lead to exactly the log's text (plus what the decoder holds back), and, when the
+    job asked for them, the log-probabilities of the tokens whose text it completes (None
+    when it did not ask)."""
 
-    def __init__(self, send: Callable[[str, tuple[int, ...]], None], interval: float):
+    def __init__(self, send: Callable[[str, tuple[int, ...], tuple[TokenLogprob, ...] | None],
+                                      None], interval: float, logprobs: bool = False):
         self._send, self._interval = send, interval
         self._pending, self._ids, self._last_sent = "", [], None
+        self._logprobs: list[TokenLogprob] | None = [] if logprobs else None
 
-    def push(self, text: str, ids: Sequence[int] = ()) -> None:
-        """Add text and the tokens it came from; send what is pending if this is the first
-        text or the interval has passed."""
+    def push(self, text: str, ids: Sequence[int] = (),
+             logprobs: Sequence[TokenLogprob] = ()) -> None:
+        """Add text, the tokens it came from and the log-probabilities it releases; send what
+        is pending if this is the first text or the interval has passed."""
         self._pending += text
         self._ids.extend(ids)
+        if self._logprobs is not None:
+            self._logprobs.extend(logprobs)
         if self._last_sent is None or time.monotonic() - self._last_sent >= self._interval:
             self.flush()
 
     def flush(self) -> None:
-        """Send the pending text now, if there is any."""
-        if self._pending:
-            self._send(self._pending, tuple(self._ids))
+        """Send the pending text (and log-probabilities) now, if there is any."""
+        if self._pending or self._logprobs:
+            logprobs = None if self._logprobs is None else tuple(self._logprobs)
+            self._send(self._pending, tuple(self._ids), logprobs)
             self._pending, self._ids, self._last_sent = "", [], time.monotonic()
+            self._logprobs = None if self._logprobs is None else []
 
 
 @dataclass(frozen=True)
@@ -66,22 +76,25 @@ class Delivered:
 
 
 class StepText:
-    """A job's step sink: decode each token, hold back stop sequences, chunk the text out.
+    """A job's step sink: decode each token, hold back stop sequences, chunk the text out
+    (with the log-probabilities of the tokens it spells, when the job asked for them).
 
     Returns True (stop) on a stop sequence or a cancel; records how the job finished.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str],
-                 chunks: ChunkBuffer, cancel: threading.Event):
+                 chunks: ChunkBuffer, cancel: threading.Event,
+                 logprobs: LogprobStream | None = None):
         self.decoder, self.stops = IncrementalDecoder(decode), StopMatcher(stop)
-        self._chunks, self._cancel = chunks, cancel
+        self._chunks, self._cancel, self.logprobs = chunks, cancel, logprobs
         self.completion, self.finish = 0, FinishReason.CANCELLED
 
     def __call__(self, step: TokenStep) -> bool:
         hit = False
         if step.token_id is not None:
-            text, hit = self._take(step.token_id)
-            self._chunks.push(text, (step.token_id,))
+            text, hit = self._take(step.token_id, step.logprobs)
+            released = self.logprobs.released(len(text), hit) if self.logprobs else ()
+            self._chunks.push(text, (step.token_id,), released)
         finish = FinishReason.STOP_SEQUENCE if hit else step.finish
         if finish is None and self._cancel.is_set():
             finish = FinishReason.CANCELLED
@@ -102,9 +115,47 @@ class StepText:
             logger.warning("the replayed tokens do not give back the delivered text")
         return False
 
-    def _take(self, token_id: int) -> tuple[str, bool]:
+    def _take(self, token_id: int, logprobs: StepLogprobs | None = None) -> tuple[str, bool]:
         self.completion += 1
-        return self.stops.feed(self.decoder.push(token_id))
+        text = self.decoder.push(token_id)
+        if self.logprobs is not None:
+            self.logprobs.add(text, logprobs)
+        return self.stops.feed(text)
+
+    def flush(self) -> None:
+        """Release the held-back text at the end of generation, with its log-probabilities."""
+        text = self.stops.flush()
+        self._chunks.push(text, (), self.logprobs.rest() if self.logprobs else ())
+
+
+class LogprobStream:
+    """A job's token log-probabilities, each released with the last of its token's text
+    (a token that a stop sequence withheld is never reported)."""
+
+    # the floor for a log-probability: -inf (a token the grammar forbids) is not JSON
+    FLOOR = -9999.0
+
+    def __init__(self, token_text: Callable[[int], str]):
+        self._token_text, self._tokens = token_text, SpelledTokens()
+
+    def add(self, text: str, logprobs: StepLogprobs | None) -> None:
+        """A decoded token; None for a replayed one, whose log-probabilities are not known."""
+        self._tokens.add(text, logprobs)
+
+    def released(self, size: int, stopped: bool) -> tuple[TokenLogprob, ...]:
+        """The tokens that `size` more released characters completed; at a stop sequence, also
+        the token it cut (reported with its text up to the stop)."""
+        return self._entries(self._tokens.cut(size) if stopped else self._tokens.release(size))
+
+    def rest(self) -> tuple[TokenLogprob, ...]:
+        return self._entries(self._tokens.rest())
+
+    def _entries(self, tokens: list[tuple[str, StepLogprobs | None]]
+                 ) -> tuple[TokenLogprob, ...]:
+        return tuple(TokenLogprob(text, max(lp.logprob, self.FLOOR),
+                                  tuple((self._token_text(token), max(value, self.FLOOR))
+                                        for token, value in lp.top))
+                     for text, lp in tokens if lp is not None)
 
 
 @dataclass
@@ -188,6 +239,10 @@ class JobRunner:
             return None
         except EventWriteFailed:
             raise  # Redis is lost: the guard hands the job back rather than fail it
+        except InvalidSchema as exc:  # the engine could not compile the job's JSON Schema
+            logger.info("job %s: %s", job.id, exc)
+            return ErrorEvent(ErrorBody(str(exc), "invalid_request_error", INVALID_SCHEMA,
+                                        "response_format"))
         except Exception as exc:  # the boundary: the worker must go on serving
             logger.exception("job %s failed", job.id)
             return ErrorEvent(ErrorBody(f"generation failed: {type(exc).__name__}",
@@ -197,8 +252,9 @@ class JobRunner:
     def _generate(self, job: Job, fence: int, clock: Clock, cancel: threading.Event,
                   delivered: Delivered) -> tuple[FinishReason, Usage]:
         """Stream tokens as events until the engine, a stop sequence or a cancel ends the job."""
-        chunks = ChunkBuffer(lambda text, ids: self._emit(job.id, fence, text, ids, clock),
-                             self._chunk_seconds)
+        chunks = ChunkBuffer(
+            lambda text, ids, logprobs: self._emit(job.id, fence, text, ids, logprobs, clock),
+            self._chunk_seconds, logprobs=job.params.logprobs is not None)
         try:
             finish, completion = FinishReason.CANCELLED, len(delivered.ids)
             if not cancel.is_set():
@@ -212,14 +268,16 @@ class JobRunner:
                 delivered: Delivered) -> tuple[FinishReason, int]:
         """Run the job on the engine, its steps going through the decoder and stop matcher;
         after what earlier attempts delivered, only the rest of the reply."""
-        steps = StepText(self._tokenizer.decode, job.params.stop, chunks, cancel)
+        logprobs = (LogprobStream(self._tokenizer.token_text)
+                    if job.params.logprobs is not None else None)
+        steps = StepText(self._tokenizer.decode, job.params.stop, chunks, cancel, logprobs)
         if not steps.replay(delivered):
-            rest = remaining(job.params, len(delivered.ids))
+            rest = remaining(job.params, delivered.ids)
             if rest is None:
                 steps.finish = FinishReason.LENGTH
             else:
                 self._engine.run(job.prompt_token_ids + delivered.ids, rest, cancel, steps)
-        chunks.push(steps.stops.flush())
+        steps.flush()
         return steps.finish, steps.completion
 
     @contextmanager
@@ -236,18 +294,22 @@ class JobRunner:
             self._cancels.unwatch(job_id, event)
 
     def _emit(self, job_id: str, fence: int, text: str, ids: tuple[int, ...],
-              clock: Clock) -> None:
-        if text:
+              logprobs: tuple[TokenLogprob, ...] | None, clock: Clock) -> None:
+        if text or logprobs:
             clock.first_token = clock.first_token or time.time()
-            self._events.send(job_id, fence, TokenEvent(text, ids))
+            self._events.send(job_id, fence, TokenEvent(text, ids, logprobs))
 
 
-def remaining(params: SamplingParams, produced: int) -> SamplingParams | None:
-    """The parameters for the rest of a reply of which `produced` tokens exist; None when
-    nothing is left to generate."""
+def remaining(params: SamplingParams, written: Sequence[int]) -> SamplingParams | None:
+    """The parameters for the rest of a reply of which the tokens `written` exist (a JSON
+    reply's grammar resumes after them); None when nothing is left to generate."""
+    produced = len(written)
     if produced == 0:
         return params
     if produced >= params.max_new_tokens:
         return None
-    return params.model_copy(update={"max_new_tokens": params.max_new_tokens - produced,
-                                     "min_new_tokens": max(0, params.min_new_tokens - produced)})
+    update = {"max_new_tokens": params.max_new_tokens - produced,
+              "min_new_tokens": max(0, params.min_new_tokens - produced)}
+    if params.json_schema is not None:
+        update["json_written_ids"] = params.json_written_ids + tuple(written)
+    return params.model_copy(update=update)

@@ -4,7 +4,9 @@ Pure Python: the incremental decoder needs only a `decode(ids) -> str` function.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
 
@@ -69,3 +71,51 @@ class StopMatcher:
                     best = size
                     break
         return best
+
+
+class SpelledTokens:
+    """Match the text a StopMatcher releases back to the tokens that spell it, in order.
+
+    Each token waits with its payload until the released text holds all of its own: so a
+    token's payload (its log-probabilities) goes out with the last of its text, and a token
+    whose text a stop sequence withheld never goes out. A token with no text of its own (the
+    first bytes of a character another token completes) goes out once text after it does.
+    """
+
+    def __init__(self):
+        self._waiting: deque[tuple[str, Any]] = deque()  # (the token's text, its payload)
+        self._spare = 0  # released characters not yet matched to a whole token
+
+    def add(self, text: str, payload: Any) -> None:
+        """A new token and the text the decoder gave for it."""
+        self._waiting.append((text, payload))
+
+    def release(self, size: int) -> list[tuple[str, Any]]:
+        """`size` more characters went out: the tokens now wholly out, with their texts."""
+        self._spare += size
+        out = []
+        while self._waiting and self._fits(self._waiting[0][0]):
+            text, payload = self._waiting.popleft()
+            self._spare -= len(text)
+            out.append((text, payload))
+        return out
+
+    def cut(self, size: int) -> list[tuple[str, Any]]:
+        """The reply ends after `size` more characters (a stop sequence began there): the
+        tokens wholly out, then the one partly out with the part that went out; the rest of
+        the tokens are withheld."""
+        out = self.release(size)
+        if self._spare and self._waiting:
+            text, payload = self._waiting.popleft()
+            out.append((text[:self._spare], payload))
+        self._waiting.clear()
+        self._spare = 0
+        return out
+
+    def rest(self) -> list[tuple[str, Any]]:
+        """The reply ended with all its text out: every token still waiting."""
+        out, self._waiting, self._spare = list(self._waiting), deque(), 0
+        return out
+
+    def _fits(self, text: str) -> bool:
+        return len(text) < self._spare or (len(text) == self._spare and bool(text))

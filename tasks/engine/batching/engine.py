@@ -25,6 +25,7 @@ from tasks.engine.batching.scheduler import Scheduler, prefill_groups, split_adm
 from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, Request, StepSink,
                                     TokenStep, run_submitted, step_for)
 from tasks.engine.sampling import NonFiniteLogits, Sampler, sample_batch
+from tasks.engine.structured import Grammars
 from tasks.jobs.contract import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,15 @@ class _Sequence:
 
     def __init__(self, request: Request, eos_ids: frozenset[int], device: torch.device):
         self.request, self._eos_ids = request, eos_ids
-        self.sampler = Sampler(request.params, request.prompt_ids, eos_ids, device)
+        self.sampler = Sampler(request.params, request.prompt_ids, eos_ids, device,
+                               request.constraint)
         self.length = len(request.prompt_ids)  # tokens so far, the last one not yet in the cache
         self.last_token = request.prompt_ids[-1]
 
     def accept(self, token: int) -> TokenStep:
         """The step for a sampled token; the sequence advances unless it ended."""
-        step = step_for(token, self.sampler.produced, self.request.params, self._eos_ids)
+        step = step_for(token, self.sampler.produced, self.request.params, self._eos_ids,
+                        self.sampler.logprobs)
         if step.token_id is not None:
             self.last_token, self.length = step.token_id, self.length + 1
         return step
@@ -68,6 +71,7 @@ class BatchingEngine:
         # prompts join a running batch inside its decode step, where the model allows it
         self._pack_prompts = pack_prompts and can_pack(loaded)
         self._eos_ids = loaded.tokenizer.eos_token_ids
+        self._grammars = Grammars.for_model(loaded)  # JSON Schemas, compiled at submit
         self._scheduler = Scheduler(max_batch_size, kv_cache_tokens)
         self._after_steps = after_steps  # called after a forward pass's steps reached sinks
         self._inbox = inbox  # read by the loop at each iteration; it blocks there when idle
@@ -117,8 +121,10 @@ class BatchingEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
                sink: StepSink, on_end: EndCallback) -> None:
         """Queue the request without waiting: its steps go to `sink`, then `on_end(error or
-        None)` runs once, both on the loop thread. Raises if it can never fit."""
-        self._scheduler.add(Request(list(prompt_ids), params, cancel, sink, on_end))
+        None)` runs once, both on the loop thread. Raises if it can never fit, or if its JSON
+        Schema cannot be compiled."""
+        self._scheduler.add(Request(list(prompt_ids), params, cancel, sink, on_end,
+                                    constraint=self._grammars.constraint(params)))
 
     def _run(self) -> None:
         """The loop: take requests, drop stopped rows, admit, decode; block while idle."""
