@@ -32,7 +32,7 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_request
 
 
 # Error types our schemas raise (PydanticCustomError) that travel as the envelope's code.
-OWN_CODES = frozenset({"unsupported_parameter", "unsupported_value"})
+OWN_CODES = frozenset({"unsupported_parameter", "unsupported_value", "invalid_schema"})
 
 
 def job_not_found(job_id: str) -> APIError:

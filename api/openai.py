@@ -5,6 +5,7 @@ its id travels in the X-Dawet-Job-Id header.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -34,27 +35,38 @@ STATUS_BY_TYPE = {"invalid_request_error": 400, "server_error": 500}
 STATUS_BY_CODE = {"stream_timeout": 504, "deadline_exceeded": 504, "service_unavailable": 503}
 
 
+Logprobs = list[dict[str, Any]]  # token events' "logprobs" entries (TokenLogprob.to_dict)
+
+
 class ChatShape:
     """Chat completion objects: a message per choice, deltas when streamed."""
 
     object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
     @staticmethod
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
+    def choice(text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
         message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
     @staticmethod
-    def delta(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def delta(delta: dict[str, str], finish: str | None,
+              logprobs: dict | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     @classmethod
     def opening(cls) -> list[dict[str, Any]]:
         return [cls.delta({"role": "assistant", "content": ""}, None)]
 
     @classmethod
-    def piece(cls, text: str) -> dict[str, Any]:
-        return cls.delta({"content": text}, None)
+    def piece(cls, text: str, logprobs: dict | None = None) -> dict[str, Any]:
+        return cls.delta({"content": text}, None, logprobs)
+
+    @staticmethod
+    def logprobs(entries: Logprobs, offset: int) -> dict[str, Any]:
+        """`choices[].logprobs`: each token with its bytes and its likeliest alternatives."""
+        return {"content": [{**_with_bytes(entry), "top_logprobs": [
+            _with_bytes(top) for top in entry["top_logprobs"]]} for entry in entries],
+            "refusal": None}
 
     @classmethod
     def closing(cls, finish: str) -> dict[str, Any]:
@@ -67,16 +79,29 @@ class TextShape:
     object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
 
     @staticmethod
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     @staticmethod
     def opening() -> list[dict[str, Any]]:
         return []
 
     @classmethod
-    def piece(cls, text: str) -> dict[str, Any]:
-        return cls.choice(text, None)
+    def piece(cls, text: str, logprobs: dict | None = None) -> dict[str, Any]:
+        return cls.choice(text, None, logprobs)
+
+    @staticmethod
+    def logprobs(entries: Logprobs, offset: int) -> dict[str, Any]:
+        """`choices[].logprobs` of the legacy API: parallel lists, where each token's
+        alternatives also hold the token itself, and `offset` is where the first token
+        starts in the reply."""
+        starts = list(itertools.accumulate((len(e["token"]) for e in entries[:-1]),
+                                           initial=offset))
+        return {"tokens": [e["token"] for e in entries],
+                "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{**{top["token"]: top["logprob"] for top in e["top_logprobs"]},
+                                  e["token"]: e["logprob"]} for e in entries],
+                "text_offset": starts if entries else []}
 
     @classmethod
     def closing(cls, finish: str) -> dict[str, Any]:
@@ -91,9 +116,19 @@ class Reply:
     job: Job
     include_usage: bool = False
 
-    def whole(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
-        choice = self.shape.choice(text, FINISH_REASONS[done["finish_reason"]])
+    def whole(self, text: str, done: dict[str, Any],
+              logprobs: Logprobs | None = None) -> dict[str, Any]:
+        """The completion object; `logprobs`: the job's entries (token_logprobs(events)), when
+        it asked for them."""
+        choice = self.shape.choice(text, FINISH_REASONS[done["finish_reason"]],
+                                   self.logprobs(logprobs, 0))
         return self._object(self.shape.object, [choice], usage=done["usage"])
+
+    def logprobs(self, entries: Logprobs | None, offset: int) -> dict[str, Any] | None:
+        """The choice's `logprobs` for these entries; None when the job asked for none."""
+        if self.job.params.logprobs is None or entries is None:
+            return None
+        return self.shape.logprobs(entries, offset)
 
     def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         extra = {"usage": None} if self.include_usage else {}
@@ -153,16 +188,31 @@ def _complete(body: OpenAIRequest, shape: type[ChatShape] | type[TextShape]):
         headers = {JOB_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         frames = counted_stream(_sse(svc, reply), "sse")
         return Response(frames, mimetype="text/event-stream", headers=headers)
-    return reply.whole(*_wait(svc, job)), {JOB_HEADER: job.id}
+    text, done, logprobs = _wait(svc, job)
+    return reply.whole(text, done, logprobs), {JOB_HEADER: job.id}
 
 
-def _wait(svc: Services, job: Job) -> tuple[str, dict[str, Any]]:
-    """Block until the job ends; its text and done event, or its error as an APIError."""
+def token_logprobs(events: list[dict[str, Any]]) -> Logprobs:
+    """The log-probability entries of a job's token events, in order."""
+    return [entry for event in events for entry in event.get("logprobs", ())]
+
+
+def _with_bytes(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"token": entry["token"], "logprob": entry["logprob"],
+            "bytes": list(entry["token"].encode())}
+
+
+def _wait(svc: Services, job: Job) -> tuple[str, dict[str, Any], Logprobs]:
+    """Block until the job ends; its text, done event and log-probability entries, or its
+    error as an APIError."""
     view = JobView(job.id)  # the one fold of events (a restarted job's reply goes on)
+    tokens = []
     for event in svc.events(job.id):
         view.apply(event)
+        if event["type"] == "token":
+            tokens.append(event)
         if event["type"] == "done":
-            return view.text, event
+            return view.text, event, token_logprobs(tokens)
         if event["type"] == "error":
             svc.store.cancel(job.id)  # a timed-out job has no reader left
             raise _job_error(ErrorBody(**event["error"]))
@@ -177,23 +227,33 @@ def _job_error(body: ErrorBody) -> APIError:
 
 def _sse(svc: Services, reply: Reply) -> Iterator[str]:
     """Relay the job as SSE frames; a client that leaves first cancels the job (if configured)."""
-    ended = False  # Services.events turns a lost Redis into an error event, so this loop ends
+    frames = (f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
+              for chunk in _chunks(svc, reply))
+    return cancel_if_abandoned(svc, reply.job.id, frames)
+
+
+def cancel_if_abandoned(svc: Services, job_id: str, frames: Iterator[str]) -> Iterator[str]:
+    """Pass a job's stream through; a client that leaves before its end cancels the job (if
+    configured)."""
+    ended = False  # Services.events turns a lost Redis into an error event, so streams end
     try:
-        for chunk in _chunks(svc, reply):
-            yield f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
+        yield from frames
         ended = True
     finally:
         if not ended and svc.settings.cancel_on_disconnect:
-            logger.info("client left the stream of job %s; cancelling it", reply.job.id)
-            svc.store.cancel(reply.job.id)
+            logger.info("client left the stream of job %s; cancelling it", job_id)
+            svc.store.cancel(job_id)
 
 
 def _chunks(svc: Services, reply: Reply) -> Iterator[dict[str, Any] | str]:
     """The stream's payloads: opening, text pieces, closing, usage; an error ends it early."""
     yield from map(reply.chunk, reply.shape.opening())
+    spelled = 0  # the characters the tokens reported so far spell: where the next one starts
     for event in svc.events(reply.job.id):
         if event["type"] == "token":
-            yield reply.chunk(reply.shape.piece(event["text"]))
+            entries = event.get("logprobs", [])
+            yield reply.chunk(reply.shape.piece(event["text"], reply.logprobs(entries, spelled)))
+            spelled += sum(len(entry["token"]) for entry in entries)
         elif event["type"] == "error":
             yield {"error": event["error"]}
             return

@@ -9,11 +9,13 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from api.errors import APIError, from_validation_error, invalid
+from api.json_schema import check_enforceable, schema_text
 from model_store.registry import ModelSpec
 from model_store.tokenizer import Message
-from tasks.jobs.contract import SamplingParams
+from tasks.jobs.contract import INVALID_SCHEMA, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's bound on `logprobs`
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 # `stop` takes one string or a list; a lone string becomes a list of one.
 StopList = Annotated[list[StopString], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
@@ -50,6 +52,56 @@ class ChatMessage(StrictModel):
     content: str
 
 
+def _enforceable(schema: dict[str, Any]) -> dict[str, Any]:
+    try:
+        check_enforceable(schema)
+    except ValueError as exc:
+        raise PydanticCustomError(INVALID_SCHEMA, str(exc)) from None
+    return schema
+
+
+class JsonSchemaSpec(StrictModel):
+    """The schema a structured reply follows, in OpenAI's shape."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: Annotated[dict[str, Any], AfterValidator(_enforceable)] = Field(alias="schema")
+    strict: bool | None = None  # accepted: Dawet always holds the reply to the schema
+
+
+class ResponseFormat(StrictModel):
+    """`response_format` (OpenAI's shape, on every generation route): free `text`, any JSON
+    object (`json_object`, which vLLM compiles as the schema {"type": "object"}), or JSON that
+    `json_schema.schema` accepts."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema_: JsonSchemaSpec | None = Field(None, alias="json_schema")
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema_ is not None):
+            raise ValueError("give json_schema exactly when type is json_schema")
+        return self
+
+    def json_schema(self) -> str | None:
+        """The JSON text of the schema the reply follows; None for free text."""
+        if self.type == "json_object":
+            return '{"type":"object"}'
+        return schema_text(self.json_schema_.schema_) if self.json_schema_ else None
+
+
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+
+
+def _json_minimum(requested: int | None) -> int:
+    """A JSON reply ends where its schema says: no default minimum of new tokens, and a
+    requested one is an error."""
+    if requested:
+        raise invalid("a minimum number of new tokens cannot be combined with response_format: "
+                      "the schema decides where the reply ends", param="response_format")
+    return 0
+
+
 class SamplingFields(StrictModel):
     """Generation parameters a request may set; unset ones come from the model's defaults."""
 
@@ -61,23 +113,29 @@ class SamplingFields(StrictModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     stop: StopList | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    response_format: ResponseFormat | None = None
+    # Each token's log-probability, with this many alternatives, in the token events.
+    logprobs: TopLogprobs | None = None
 
     def sampling_params(self, spec: ModelSpec, max_param: str = "max_new_tokens") -> SamplingParams:
         """Merge with the model's defaults and check against its limits."""
         defaults = spec.defaults
+        json_schema = self.response_format.json_schema() if self.response_format else None
         max_new = self.max_new_tokens or defaults.max_new_tokens
         if max_new > spec.max_new_tokens_limit:
             raise invalid(f"{max_param} must be at most {spec.max_new_tokens_limit} for "
                           f"model {spec.name}", param=max_param)
         pick = lambda value, default: default if value is None else value  # noqa: E731
+        min_new = (min(pick(self.min_new_tokens, defaults.min_new_tokens), max_new)
+                   if json_schema is None else _json_minimum(self.min_new_tokens))
         return SamplingParams(
-            max_new_tokens=max_new,
-            min_new_tokens=min(pick(self.min_new_tokens, defaults.min_new_tokens), max_new),
+            max_new_tokens=max_new, min_new_tokens=min_new,
             temperature=pick(self.temperature, defaults.temperature),
             top_p=pick(self.top_p, defaults.top_p),
             top_k=pick(self.top_k, defaults.top_k),
             repetition_penalty=pick(self.repetition_penalty, defaults.repetition_penalty),
             stop=tuple(self.stop or ()), seed=self.seed,
+            json_schema=json_schema, logprobs=self.logprobs,
         )
 
 
@@ -206,9 +264,8 @@ class OpenAIRequest(StrictModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     min_tokens: int | None = Field(None, ge=0)
+    response_format: ResponseFormat | None = None
     # OpenAI options Dawet does not implement: an error when set, never silently ignored.
-    logprobs: Unsupported = None
-    top_logprobs: Unsupported = None
     logit_bias: Unsupported = None
 
     @model_validator(mode="after")
@@ -226,8 +283,13 @@ class OpenAIRequest(StrictModel):
         fields = SamplingFields.model_construct(
             max_new_tokens=self._max_tokens(), min_new_tokens=self.min_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty, stop=self.stop, seed=self.seed)
+            repetition_penalty=self.repetition_penalty, stop=self.stop, seed=self.seed,
+            response_format=self.response_format, logprobs=self.top_logprobs_wanted())
         return fields.sampling_params(spec, max_param=self._max_tokens_param())
+
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives each token's log-probability lists; None: no logprobs."""
+        return None
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -246,10 +308,11 @@ class ChatCompletionRequest(OpenAIRequest):
     parallel_tool_calls: Unsupported = None
     functions: Unsupported = None
     function_call: Unsupported = None
-    response_format: Unsupported = None
     audio: Unsupported = None
     modalities: Unsupported = None
     prediction: Unsupported = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
 
     @model_validator(mode="after")
     def _one_token_limit(self):
@@ -257,6 +320,15 @@ class ChatCompletionRequest(OpenAIRequest):
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens differ; give one of them")
         return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs is only allowed when logprobs is true")
+        return self
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def prompt_input(self) -> PromptInput:
         """The messages, for the model's chat template and default system prompt."""
@@ -277,6 +349,10 @@ class CompletionRequest(OpenAIRequest):
     echo: Unsupported = None
     suffix: Unsupported = None
     best_of: OneChoice | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def prompt_input(self) -> PromptInput:
         """The raw prompt, with no chat template."""

@@ -70,16 +70,36 @@ CASES = [
      BAD, None),
     ("stream-options-unknown", TEXT, {"stream": True, "stream_options": {"x": 1}}, 400, BAD,
      "stream_options.x"),
-    ("logprobs", CHAT, {"logprobs": True}, 400, UNSUPPORTED, "logprobs"),
-    ("top-logprobs", CHAT, {"top_logprobs": 2}, 400, UNSUPPORTED, "top_logprobs"),
-    ("text-logprobs", TEXT, {"logprobs": 2}, 400, UNSUPPORTED, "logprobs"),
+    ("logprobs-number", CHAT, {"logprobs": 2}, 400, BAD, "logprobs"),
+    ("top-logprobs-without-logprobs", CHAT, {"top_logprobs": 2}, 400, BAD, None),
+    ("top-logprobs-above-20", CHAT, {"logprobs": True, "top_logprobs": 21}, 400, BAD,
+     "top_logprobs"),
+    ("text-logprobs-above-5", TEXT, {"logprobs": 6}, 400, BAD, "logprobs"),
+    ("text-logprobs-bool", TEXT, {"logprobs": True}, 400, BAD, "logprobs"),
     ("logit-bias", TEXT, {"logit_bias": {"5": 1}}, 400, UNSUPPORTED, "logit_bias"),
     ("tools", CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      UNSUPPORTED, "tools"),
     ("tool-choice", CHAT, {"tool_choice": "auto"}, 400, UNSUPPORTED, "tool_choice"),
     ("functions", CHAT, {"functions": [{"name": "f"}]}, 400, UNSUPPORTED, "functions"),
-    ("response-format", CHAT, {"response_format": {"type": "json_object"}}, 400, UNSUPPORTED,
-     "response_format"),
+    ("response-format-unknown-type", CHAT, {"response_format": {"type": "xml"}}, 400, BAD,
+     "response_format.type"),
+    ("response-format-schema-missing", TEXT, {"response_format": {"type": "json_schema"}}, 400,
+     BAD, "response_format"),
+    ("response-format-schema-not-an-object", CHAT, {"response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}}, 400, BAD,
+     "response_format.json_schema.schema"),
+    ("response-format-invalid-schema", TEXT, {"response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "thing"}}}}, 400,
+     "invalid_schema", "response_format.json_schema.schema"),
+    ("response-format-unsupported-keyword", CHAT, {"response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"a": {"oneOf": [{"type": "integer"}]}}}}}}, 400,
+     "invalid_schema", "response_format.json_schema.schema"),
+    ("response-format-bad-name", CHAT, {"response_format": {
+        "type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, 400, BAD,
+     "response_format.json_schema.name"),
+    ("response-format-with-min-tokens", CHAT, {"response_format": {"type": "json_object"},
+                                               "min_tokens": 3}, 400, BAD, "response_format"),
     ("echo", TEXT, {"echo": True}, 400, UNSUPPORTED, "echo"),
     ("suffix", TEXT, {"suffix": "end"}, 400, UNSUPPORTED, "suffix"),
     ("top-k-negative", CHAT, {"top_k": -1}, 400, BAD, "top_k"),
@@ -118,7 +138,8 @@ def test_bad_openai_requests_get_the_error_envelope(api, path, body, status, cod
 
 @pytest.mark.parametrize("extra", [
     {"temperature": 1, "top_p": 1, "seed": 3, "n": 1, "presence_penalty": 0,
-     "frequency_penalty": 0.0, "user": "u-1", "stop": "zz", "logprobs": False},
+     "frequency_penalty": 0.0, "user": "u-1", "stop": "zz", "logprobs": False,
+     "response_format": {"type": "text"}},
     {"max_tokens": 2, "max_completion_tokens": 2, "stream": False, "tools": None},
     {"n": None, "presence_penalty": None, "stream": None, "stop": None, "temperature": None},
 ])

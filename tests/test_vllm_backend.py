@@ -22,6 +22,7 @@ from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 from model_store.registry import ModelSpec, load_registry
 from model_store.tokenizer import ChatTokenizer
+from structured_helpers import SCHEMAS, assert_follows, response_format
 from tasks.jobs.leases import LEASES_KEY
 from tasks.jobs.workers import WorkerRegistry
 
@@ -131,6 +132,47 @@ def test_openai_streaming_chat_and_completion_on_the_vllm_backend(vllm_stack):
     whole = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8,
                                       temperature=0)
     assert whole.choices[0].text and whole.usage.completion_tokens <= 8
+
+
+def test_structured_replies_on_the_vllm_backend_validate(vllm_stack):
+    client = openai.OpenAI(base_url=vllm_stack.api_url + "/v1", api_key="unused")
+    for name, schema in SCHEMAS[:8]:
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "JSON?"}], max_tokens=256,
+            temperature=0.8, seed=1, response_format=response_format(name, schema))
+        assert reply.choices[0].finish_reason == "stop", name
+        assert_follows(reply.choices[0].message.content, schema)
+    name, schema = SCHEMAS[13]
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="Pesanan:", max_tokens=200, temperature=0.8, seed=2, stream=True,
+        extra_body={"response_format": response_format(name, schema)}))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert_follows("".join(c.choices[0].text for c in chunks), schema)
+
+
+def test_a_schema_vllm_cannot_compile_is_a_400_naming_the_problem(vllm_stack):
+    client = openai.OpenAI(base_url=vllm_stack.api_url + "/v1", api_key="unused", max_retries=0)
+    bad = {"type": "array", "minItems": 3, "maxItems": 1}
+    with pytest.raises(openai.BadRequestError, match="minItems is greater than maxItems") as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       response_format=response_format("bad", bad))
+    assert e.value.body["code"] == "invalid_schema"
+
+
+def test_logprobs_on_the_vllm_backend_spell_the_reply_and_greedy_tokens_top_them(vllm_stack):
+    client = openai.OpenAI(base_url=vllm_stack.api_url + "/v1", api_key="unused")
+    greedy = {"temperature": 0.0, "extra_body": {"repetition_penalty": 1.0, "min_tokens": 0}}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Halo!"}], max_tokens=16,
+        logprobs=True, top_logprobs=3, **greedy).choices[0]
+    content = chat.logprobs.content
+    assert "".join(t.token for t in content) == chat.message.content != ""
+    assert all(len(t.top_logprobs) == 3 and t.logprob == pytest.approx(t.top_logprobs[0].logprob)
+               for t in content)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12,
+                                            logprobs=2, stream=True, **greedy))
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert "".join(tokens) == "".join(c.choices[0].text for c in chunks) != ""
 
 
 def test_worker_metrics_report_vllms_batch_and_kv_cache(vllm_stack):
