@@ -25,12 +25,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     sock.init_app(app)
     enable_cors(app, settings.cors_origin_list())
     register_error_handlers(app)
-    from api import chat, docs, health, jobs, metrics, openai, tokenize, usage
+    from api import chat, docs, health, jobs, metrics, openai, responses, tokenize, usage
 
     app.register_blueprint(docs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(responses.bp)
     app.register_blueprint(chat.bp)
     app.register_blueprint(usage.bp)
     app.register_blueprint(tokenize.bp)

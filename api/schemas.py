@@ -419,3 +419,136 @@ def parse_chat_frame(raw: str | bytes) -> ChatFrame:
             raise from_validation_error(exc) from exc
         param = ".".join(str(part) for part in first["loc"][1:])  # drop the `type` tag
         raise invalid(f"{param}: {first['msg']}", param=param) from exc
+
+
+# --- OpenAI's Responses API (/v1/responses) ---
+
+MAX_METADATA_PAIRS = 16
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+def _as_parts(value: Any) -> Any:
+    """Message content: a string is one text part."""
+    return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
+
+
+def _as_messages(value: Any) -> Any:
+    """Response input: a string is one user message."""
+    return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+
+def _no_tools(value: list[Any] | None) -> list[Any] | None:
+    if value:
+        raise PydanticCustomError("unsupported_parameter",
+                                  "tools are not supported by Dawet; leave them out")
+    return value
+
+
+class ResponseTextPart(StrictModel):
+    """Text content: `input_text`, or the `output_text` of a previous output passed back."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list[Any] = Field(default_factory=list, max_length=0)
+    logprobs: list[Any] | None = None  # what a passed-back output may carry; not used
+
+
+class ResponseInputMessage(StrictModel):
+    """A message of a response's input; a previous response's output message may come back."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Annotated[list[ResponseTextPart], BeforeValidator(_as_parts), Field(min_length=1)]
+    id: ResourceId | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one text, parts joined by newlines (as chat completions join them)."""
+        return "\n".join(part.text for part in self.content)
+
+
+class ResponseTextFormat(StrictModel):
+    type: Literal["text"]  # Dawet answers in plain text
+
+
+class ResponseTextConfig(StrictModel):
+    format: ResponseTextFormat | None = None
+
+
+class ResponseRequest(StrictModel):
+    """POST /v1/responses; unset sampling fields take the model's defaults."""
+
+    model: str = Field(min_length=1)
+    input: Annotated[list[ResponseInputMessage], BeforeValidator(_as_messages),
+                     Field(min_length=1)]
+    instructions: str | None = None  # a system message first; not carried along a chain
+    previous_response_id: ResourceId | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool | None = False
+    background: bool | None = False
+    store: bool | None = True
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None,
+                                                              max_length=MAX_METADATA_PAIRS)
+    user: str | None = None  # accepted, not used
+    # Dawet calls no tools: only settings that ask for none are accepted.
+    tools: Annotated[list[Any] | None, AfterValidator(_no_tools)] = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponseTextConfig | None = None
+    truncation: Literal["disabled"] | None = None
+    # Dawet extensions, named as on the completion routes.
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    min_tokens: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # OpenAI options Dawet does not implement: an error when set, never silently ignored.
+    reasoning: Unsupported = None
+    include: Unsupported = None
+    top_logprobs: Unsupported = None
+    prompt: Unsupported = None
+    conversation: Unsupported = None
+    max_tool_calls: Unsupported = None
+    service_tier: Unsupported = None
+    stream_options: Unsupported = None
+
+    @model_validator(mode="after")
+    def _background_is_stored(self):
+        if self.background and self.store is False:
+            raise ValueError("a background response must be stored: leave store out or set it "
+                             "to true")
+        return self
+
+    @property
+    def stored(self) -> bool:
+        return self.store is not False  # null means the default, true
+
+    def sampling_params(self, spec: ModelSpec) -> SamplingParams:
+        """Merge with the model's defaults and check against its limits."""
+        fields = SamplingFields.model_construct(
+            max_new_tokens=self.max_output_tokens, min_new_tokens=self.min_tokens,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty, stop=None, seed=self.seed)
+        return fields.sampling_params(spec, max_param="max_output_tokens")
+
+
+class ResponseQuery(BaseModel):
+    """GET /v1/responses/<id>: the response, or with `stream` its events after `starting_after`."""
+
+    model_config = ConfigDict(extra="ignore")  # include, include_obfuscation: nothing to add
+
+    stream: bool = False
+    starting_after: int | None = Field(None, ge=0)
+
+
+class InputItemsQuery(BaseModel):
+    """GET /v1/responses/<id>/input_items: one page of the input, in OpenAI's cursor paging."""
+
+    model_config = ConfigDict(extra="ignore")  # include: nothing to add
+
+    limit: int = Field(20, ge=1, le=100)
+    order: Literal["asc", "desc"] = "desc"
+    after: str | None = None

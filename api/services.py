@@ -18,6 +18,7 @@ from api.errors import APIError, invalid, job_not_found
 from api.keys import KeyRing, KeyStore, Principal
 from api.metrics import note_admitted
 from api.offload import off_loop
+from api.response_store import ResponseStore
 from api.schemas import GenerationRequest, PromptInput
 from dawet.settings import Settings
 from model_store.registry import ModelSpec, Registry, load_registry
@@ -49,6 +50,7 @@ class Services:
         self.feed = JobFeed(redis.Redis.from_url(settings.redis_url_or_fallback()))
         self.workers = WorkerRegistry(self.redis, settings.heartbeat_seconds)
         self.conversations = ConversationStore(self.redis, settings.conversation_ttl_seconds)
+        self.responses = ResponseStore(self.redis, self.store, settings.response_ttl_seconds)
         self.celery: Celery = create_celery(settings)
         self.admission = Admission(settings, self.redis, self.celery)
         self.keys = KeyRing(settings, KeyStore(self.redis))
@@ -109,27 +111,40 @@ class Services:
     def _admit(self, who: Principal, request: GenerationRequest, require_worker: bool,
                job_id: str) -> Job:
         """Check the request against the model and the limits, then queue it as `job_id`."""
+        spec, prompt_ids, params = self.prepare(who, request)
+        if require_worker and not self.workers.serves(spec.name):
+            raise APIError(503, f"no worker serves model {spec.name} right now; retry shortly",
+                           "model_unavailable", "service_unavailable", param="model")
+        if self.settings.log_prompts:
+            logger.info("job %s prompt: %r", job_id, request.prompt_input())
+        return self.admit(who, spec, prompt_ids, params,
+                          getattr(request, "deadline_seconds", None), id=job_id)
+
+    def prepare(self, who: Principal, request: GenerationRequest
+                ) -> tuple[ModelSpec, list[int], SamplingParams]:
+        """Check a request against its model and `who`'s model scope: the model, the prompt's
+        token ids and the sampling parameters."""
         spec = self.model(request.model)
         self.admission.check_model_access(who, spec)
         params = request.sampling_params(spec)
         prompt = request.prompt_input()
         prompt_ids = self.prompt_ids(spec, prompt)
         check_context(spec, len(prompt_ids), params, prompt.param)
-        if require_worker and not self.workers.serves(spec.name):
-            raise APIError(503, f"no worker serves model {spec.name} right now; retry shortly",
-                           "model_unavailable", "service_unavailable", param="model")
-        if self.settings.log_prompts:
-            logger.info("job %s prompt: %r", job_id, prompt)
-        return self.admit(who, spec, prompt_ids, params,
-                          getattr(request, "deadline_seconds", None), id=job_id)
+        return spec, prompt_ids, params
 
     def admit(self, who: Principal, spec: ModelSpec, prompt_ids: list[int],
               params: SamplingParams, deadline_seconds: float | None = None,
               **fields: Any) -> Job:
-        """Apply the rate, queue and budget limits, then queue the job with its start
-        deadline, owned by `who`."""
+        """Apply the rate and queue limits, then queue the job as `enqueue_charged` does."""
         self.admission.check_rate(len(prompt_ids) + params.max_new_tokens)
         self.admission.check_queue(spec)
+        return self.enqueue_charged(who, spec, prompt_ids, params, deadline_seconds, **fields)
+
+    def enqueue_charged(self, who: Principal, spec: ModelSpec, prompt_ids: list[int],
+                        params: SamplingParams, deadline_seconds: float | None = None,
+                        **fields: Any) -> Job:
+        """Hold the job's cost against `who`'s daily budget, then queue the job with its start
+        deadline, owned by `who`. Batch lines come here directly: the dispatcher bounds them."""
         charge = self._charge(who, spec, len(prompt_ids) + params.max_new_tokens)
         seconds = deadline_seconds or self.settings.default_deadline_seconds
         try:

@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     stream_idle_timeout_seconds: float = Field(120.0, gt=0)
     # How long a chat conversation stays in Redis after its last change.
     conversation_ttl_seconds: int = Field(7 * 86_400, ge=60)
+    # How long a stored response (POST /v1/responses) stays in Redis after its creation.
+    response_ttl_seconds: int = Field(86_400, ge=60)
 
     # Jobs that may wait in one model's queue; beyond it a submission gets 429. 0: no limit.
     max_queued_jobs: int = Field(1000, ge=0)
