@@ -26,6 +26,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     enable_cors(app, settings.cors_origin_list())
     register_error_handlers(app)
     from api import chat, docs, health, jobs, metrics, openai, responses, tokenize, usage
+    from api import batches, files
 
     app.register_blueprint(docs.bp)
     app.register_blueprint(health.bp)
@@ -35,5 +36,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(chat.bp)
     app.register_blueprint(usage.bp)
     app.register_blueprint(tokenize.bp)
+    app.register_blueprint(files.bp)
+    app.register_blueprint(batches.bp)
     metrics.init_app(app)
     return app

@@ -8,8 +8,9 @@ from flask import Blueprint
 from pydantic.json_schema import models_json_schema
 
 from api.admission import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
+from api.batches import BatchCreateRequest
 from api.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                         GenerateRequest, TokenizeRequest)
+                         GenerateRequest, ResponseRequest, TokenizeRequest)
 
 bp = Blueprint("docs", __name__)
 
@@ -22,8 +23,10 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 # What each refusal means, by status, for every route that may answer it.
 ERRORS = {"400": "invalid request", "401": "missing or invalid API key",
           "403": "the API key may not use this model, or read this usage",
-          "404": "unknown model, job, conversation or route (another key's are unknown too)",
-          "409": "an Idempotency-Key still being admitted", "413": "request body too large",
+          "404": "unknown model, job, conversation, response or route (another key's are unknown "
+                 "too)",
+          "409": "an Idempotency-Key still being admitted, or a batch past cancelling",
+          "413": "request body or file too large",
           "422": "the chat template refuses the messages, or an Idempotency-Key is reused",
           "429": "rate limit, queue limit or daily token budget; see Retry-After",
           "503": "Redis, the broker or the model's workers are unavailable"}
@@ -40,7 +43,8 @@ def openapi_document() -> dict[str, Any]:
     """Build the document once: components from the request models, then the paths."""
     _, top = models_json_schema(
         [(m, "validation") for m in (GenerateRequest, ChatCompletionRequest, CompletionRequest,
-                                     TokenizeRequest, DetokenizeRequest)],
+                                     TokenizeRequest, DetokenizeRequest, ResponseRequest,
+                                     BatchCreateRequest)],
         ref_template=REF)
     schemas = {**top["$defs"], "Error": ERROR}
     return {"openapi": "3.1.0", "info": {"title": "Dawet", "version": "0.1.0"},
@@ -57,6 +61,8 @@ def _paths() -> dict[str, Any]:
                                                  "a chat completion, or an SSE stream")},
         "/v1/completions": {"post": _submit("CompletionRequest", "200",
                                             "a text completion, or an SSE stream")},
+        **_response_paths(),
+        **_batch_paths(),
         "/v1/jobs/{job_id}": {"parameters": [job_id],
                               "get": _operation("200", "the job's state and text", "404"),
                               "delete": _operation("202", "cancellation requested", "404")},
@@ -80,6 +86,58 @@ def _paths() -> dict[str, Any]:
             "text/plain": {"schema": {"type": "string"}}}}}, "security": []}},
         "/healthz": {"get": _operation("200", "the process is alive", security=[])},
         "/readyz": {"get": _operation("200", "ready to serve", "503", security=[])},
+    }
+
+
+def _response_paths() -> dict[str, Any]:
+    """OpenAI's Responses API (api/responses.py)."""
+    response_id = _path_param("response_id")
+    return {
+        "/v1/responses": {"post": _submit("ResponseRequest", "200",
+                                          "the response, or an SSE stream of its events")},
+        "/v1/responses/{response_id}": {
+            "parameters": [response_id, _query_param("stream"), _query_param("starting_after")],
+            "get": _operation("200", "the response, or with stream=true its events after "
+                              "starting_after as SSE", "400", "404"),
+            "delete": _operation("200", "deleted; its running job cancelled", "404")},
+        "/v1/responses/{response_id}/cancel": {
+            "parameters": [response_id],
+            "post": _operation("200", "the cancelled background response", "400", "404")},
+        "/v1/responses/{response_id}/input_items": {
+            "parameters": [response_id] + [_query_param(name)
+                                           for name in ("limit", "order", "after")],
+            "get": _operation("200", "a page of the response's input items", "400", "404")},
+    }
+
+
+def _batch_paths() -> dict[str, Any]:
+    """OpenAI's Files and Batches APIs (api/files.py, api/batches.py)."""
+    file_id, batch_id = _path_param("file_id"), _path_param("batch_id")
+    upload = _operation("200", "the stored file", "400", "413")
+    upload["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "purpose"], "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "purpose": {"type": "string", "enum": ["batch"]}}}}}}
+    list_files = _operation("200", "a page of the key's files", "400")
+    list_files["parameters"] = [_query_param(n) for n in ("purpose", "limit", "order", "after")]
+    list_batches = _operation("200", "a page of the key's batches", "400")
+    list_batches["parameters"] = [_query_param("limit"), _query_param("after")]
+    return {
+        "/v1/files": {"post": upload, "get": list_files},
+        "/v1/files/{file_id}": {"parameters": [file_id],
+                                "get": _operation("200", "the file", "404"),
+                                "delete": _operation("200", "deleted", "404")},
+        "/v1/files/{file_id}/content": {"parameters": [file_id], "get": {"responses": {
+            "200": {"description": "the file's content", "content": {
+                "application/jsonl": {"schema": {"type": "string"}}}},
+            "404": _json(ERRORS["404"], {"$ref": REF.format(model="Error")})}}},
+        "/v1/batches": {"post": _body("BatchCreateRequest", "the batch, validating"),
+                        "get": list_batches},
+        "/v1/batches/{batch_id}": {"parameters": [batch_id],
+                                   "get": _operation("200", "the batch", "404")},
+        "/v1/batches/{batch_id}/cancel": {
+            "parameters": [batch_id],
+            "post": _operation("200", "the batch, cancelling", "404", "409")},
     }
 
 

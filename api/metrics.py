@@ -46,6 +46,9 @@ def init_app(app: Flask) -> None:
     """Time every request and serve /metrics (call after the app's Services exist)."""
     app.extensions["dawet_backlog"] = BacklogCollector(app.extensions["dawet"])
     app.extensions["dawet_usage"] = UsageCollector(app.extensions["dawet"])
+    from api.batches import BatchCollector  # api.batches imports api.services, which imports this
+
+    app.extensions["dawet_batches"] = BatchCollector(app.extensions["dawet"])
     app.before_request(_start_timer)
     app.after_request(_count_request)
     app.register_blueprint(bp)
@@ -95,6 +98,7 @@ def metrics():
     registry = _process_registry()
     registry.register(current_app.extensions["dawet_backlog"])
     registry.register(current_app.extensions["dawet_usage"])
+    registry.register(current_app.extensions["dawet_batches"])
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 

@@ -23,6 +23,8 @@ from api.schemas import GenerationRequest, PromptInput
 from dawet.settings import Settings
 from model_store.registry import ModelSpec, Registry, load_registry
 from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
+from tasks.batches.files import FileStore
+from tasks.batches.store import BatchStore
 from tasks.worker.app import create_celery, send_job
 from tasks.jobs.contract import (Charge, ErrorBody, ErrorEvent, Job, JobState, SamplingParams,
                                  StatusEvent)
@@ -55,6 +57,8 @@ class Services:
         self.admission = Admission(settings, self.redis, self.celery)
         self.keys = KeyRing(settings, KeyStore(self.redis))
         self.usage = UsageBook(self.redis, settings.usage_retention_days)
+        self.files = FileStore(self.redis, settings.files_dir)
+        self.batches = BatchStore(self.redis)
         self._tokenizers: dict[str, ChatTokenizer] = {}
         self._lock = threading.Lock()
         self.started_at = int(time.time())

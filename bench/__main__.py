@@ -1,7 +1,8 @@
 """`python -m bench`: benchmark the pipeline on our engine; with `--backend vllm` Dawet's vllm
 backend against vLLM's own server (bench/backends.py); with `--keyspace` the API's latency as
 Redis fills with history (bench/keyspace.py); with `--responsive` short requests' TTFT while
-huge prompts arrive (bench/responsive.py)."""
+huge prompts arrive (bench/responsive.py); with `--batch-lane` short requests' TTFT beside a
+running batch (bench/batch_lane.py)."""
 import sys
 
 if "--backend" in sys.argv[1:]:
@@ -10,6 +11,8 @@ elif "--keyspace" in sys.argv[1:]:
     from bench.keyspace import main
 elif "--responsive" in sys.argv[1:]:
     from bench.responsive import main
+elif "--batch-lane" in sys.argv[1:]:
+    from bench.batch_lane import main
 else:
     from bench.pipeline import main
 

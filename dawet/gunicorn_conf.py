@@ -31,7 +31,11 @@ def on_starting(server) -> None:
 
 
 def post_worker_init(worker) -> None:
-    """The app is loaded: keep the collector off its objects (dawet/heap.py)."""
+    """The app is loaded: start its batch dispatcher (api/batch_dispatcher.py), and keep the
+    collector off its objects (dawet/heap.py)."""
+    from api.batch_dispatcher import start_dispatcher
+
+    start_dispatcher(worker.wsgi, lambda: worker.alive)
     freeze_startup_heap()
 
 

@@ -118,6 +118,29 @@ class Settings(BaseSettings):
     # A job not started this many seconds after submission expires; unset: no deadline.
     default_deadline_seconds: float | None = Field(None, gt=0)
 
+    # Files and batches (api/files.py, api/batches.py). Where uploaded files and batch output
+    # files are kept: every API process must see the same directory (a volume in compose).
+    files_dir: Path = Path("var/files")
+    # Largest file POST /v1/files accepts, in bytes.
+    max_file_bytes: int = Field(100_000_000, ge=1024)
+    # Most requests (lines) in one batch input file.
+    batch_max_requests: int = Field(50_000, ge=1)
+    # Batch lines of one model queued or running at once, over all batches: the rest wait in
+    # their batch, so a big batch never floods the model's queue ahead of interactive requests.
+    # 4 keeps interactive TTFT within 1.5x of an idle run on a 2-CPU host (docs/benchmarks.md);
+    # a GPU, whose decode steps barely slow with more rows, takes more.
+    batch_max_in_flight: int = Field(4, ge=1)
+    # The seconds of a batch's completion window, "24h"; tests shorten it.
+    batch_completion_window_seconds: float = Field(86_400, gt=0)
+    # A dispatcher's hold on a batch; another API process takes the batch over once it lapses.
+    batch_lease_seconds: float = Field(10.0, gt=0)
+    # How often a dispatcher looks at its batches when nothing wakes it (a line's job ending,
+    # a batch created or cancelled wake it at once).
+    batch_poll_seconds: float = Field(1.0, gt=0)
+    # A batch line whose job still waits in the queue this long is sent to it again, in case
+    # its message went down with a killed worker; a worker skips a job that ran.
+    batch_resend_seconds: float = Field(600.0, gt=0)
+
     # Python logging level for every Dawet process.
     log_level: str = "INFO"
 

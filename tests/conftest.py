@@ -31,11 +31,12 @@ def _require_demo_model() -> None:
 
 
 @pytest.fixture(scope="session")
-def stack_settings() -> Settings:
-    """Settings for the test stack: a free port and never the machine's Redis."""
+def stack_settings(tmp_path_factory) -> Settings:
+    """Settings for the test stack: a free port, never the machine's Redis or files."""
     return Settings(redis_url=None, broker_url=None, models_file=MODELS_FILE,
                     default_model=DEMO_MODEL, api_port=free_port(), api_workers=2,
-                    worker_concurrency=4, heartbeat_seconds=1.0, log_level="INFO")
+                    worker_concurrency=4, heartbeat_seconds=1.0, log_level="INFO",
+                    files_dir=tmp_path_factory.mktemp("files"))
 
 
 @pytest.fixture(scope="session")
