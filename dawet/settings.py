@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # How a worker runs its jobs: `batching` decodes all running jobs as one batch per step
     # (continuous batching); `sequential` runs one job at a time (the baseline).
     engine: Literal["batching", "sequential"] = "batching"
+    # The batching engine's forward pass: `auto` runs our own (tasks/engine/batching/llama.py)
+    # for Llama-family models it serves, transformers' for the rest; `transformers` always
+    # runs transformers' own (the reference, and the seed stack's patched models).
+    engine_forward: Literal["auto", "transformers"] = "auto"
     # Run the engine in a child process of the worker (the model loads there), so the decode
     # loop has a GIL of its own; false runs it on the worker's threads (simpler to debug).
     engine_process: bool = True

@@ -322,21 +322,26 @@ def test_a_stop_sequence_split_across_tokens_is_never_streamed(redis_client, eng
 
 
 class _PoisonRow:
-    """A forward hook that, at the `at`-th decode step, turns one row's logits to NaN."""
+    """Wraps an engine's model runner: at the `at`-th decode step with the row, that row's
+    logits turn to NaN, as a model's overflow would leave them."""
 
-    def __init__(self, model, row: int, at: int):
+    def __init__(self, engine: BatchingEngine, row: int, at: int):
         self.row, self.at, self.decodes, self.poisoned = row, at, 0, False
-        self._handle = model.register_forward_hook(self)
+        self._runner = engine._runner
+        self._decode = self._runner.decode
+        self._runner.decode = self
 
-    def __call__(self, module, args, output):
-        if output.logits.shape[1] == 1 and output.logits.shape[0] > self.row:  # a decode step
+    def __call__(self, tokens, positions, prompts):
+        logits, packed = self._decode(tokens, positions, prompts)
+        if len(tokens) > self.row:
             self.decodes += 1
             if self.decodes == self.at:
-                output.logits[self.row] = float("nan")
+                logits[self.row] = float("nan")
                 self.poisoned = True
+        return logits, packed
 
     def remove(self) -> None:
-        self._handle.remove()
+        del self._runner.decode  # the class's own method again
 
 
 def test_a_row_with_non_finite_logits_fails_alone_and_its_batch_goes_on(engine, loaded):
@@ -344,7 +349,7 @@ def test_a_row_with_non_finite_logits_fails_alone_and_its_batch_goes_on(engine, 
     params = [SamplingParams(max_new_tokens=20, min_new_tokens=20, temperature=0.0, top_p=1.0)
               for _ in range(4)]
     alone = _alone(loaded, prompts, params)
-    poison = _PoisonRow(loaded.model, row=1, at=5)
+    poison = _PoisonRow(engine, row=1, at=5)
     gate = _Gate(engine, 4)
     results: list = [None] * 4
 
@@ -369,25 +374,24 @@ def test_a_step_that_fails_after_its_forward_pass_fails_its_rows_and_joiners_and
         loaded, monkeypatch):
     """A failure after the pass (a CUDA OOM growing the KV buffers, say) ends every request it
     touched with the error, the prompts joining that step included, and the engine serves on."""
-    from tasks.engine.batching.model_runner import ModelRunner
-
     prompts, params = _prompts(loaded)[:6], [_params(i, True) for i in range(6)]
     params[0] = params[0].model_copy(update={"max_new_tokens": 40, "min_new_tokens": 40})
-    decode, advance, failed = ModelRunner.decode, ModelRunner.advance, []
+    engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536)
+    runner = engine._runner
+    decode, advance, failed, joins = runner.decode, runner.advance, [], []
 
-    def decode_noting_the_last_prompt(runner, tokens, positions, joining):
-        runner.last_joins = prompts[-1] in joining
-        return decode(runner, tokens, positions, joining)
+    def decode_noting_the_last_prompt(tokens, positions, joining):
+        joins.append(prompts[-1] in joining)
+        return decode(tokens, positions, joining)
 
-    def advance_failing_when_it_joins(runner):
-        if getattr(runner, "last_joins", False) and not failed:
+    def advance_failing_when_it_joins():
+        if joins[-1] and not failed:
             failed.append(True)
             raise MemoryError("out of memory growing the KV cache")
-        advance(runner)
+        advance()
 
-    monkeypatch.setattr(ModelRunner, "decode", decode_noting_the_last_prompt)
-    monkeypatch.setattr(ModelRunner, "advance", advance_failing_when_it_joins)
-    engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536)
+    monkeypatch.setattr(runner, "decode", decode_noting_the_last_prompt)
+    monkeypatch.setattr(runner, "advance", advance_failing_when_it_joins)
     try:
         staggered = _Staggered(engine, prompts, params)
         staggered.run()  # every request ends within its wait: none hangs

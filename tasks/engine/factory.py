@@ -29,6 +29,7 @@ class EngineOptions:
     torch_threads: int = 0  # 0 keeps torch's default
     log_level: str = "INFO"
     cpus: frozenset[int] = frozenset()  # the CPUs the engine process keeps to; empty: any
+    forward: str = "auto"  # batching: auto (ours where it serves the model) | transformers
 
     @property
     def runs_own_loop(self) -> bool:
@@ -51,7 +52,8 @@ def engine_options(settings, spec: ModelSpec, cpus: frozenset[int] = frozenset()
     with the CPUs the engine process keeps to (empty: any). A vllm model runs vLLM's engine."""
     kind = "vllm" if spec.backend is Backend.VLLM else settings.engine
     return EngineOptions(kind, settings.max_batch_size, settings.kv_cache_tokens,
-                         settings.torch_threads, settings.log_level, cpus)
+                         settings.torch_threads, settings.log_level, cpus,
+                         settings.engine_forward)
 
 
 def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = True,
@@ -86,8 +88,9 @@ def build_engine(loaded, options: EngineOptions, after_steps=None, inbox=None):
                 options.max_batch_size, options.kv_cache_tokens)
     if options.kind == "sequential":
         return SequentialEngine(loaded)
+    # with an inbox, the engine process's main thread (the model's loader) runs the loop: join()
     return BatchingEngine(loaded, options.max_batch_size, options.kv_cache_tokens, after_steps,
-                          inbox)
+                          inbox, forward=options.forward, own_thread=inbox is None)
 
 
 def configure_torch_threads(options: EngineOptions) -> None:

@@ -85,7 +85,7 @@ def serve(conn: Connection) -> None:
     freeze_startup_heap()
     outbox.send(msg.Ready(info))
     if own_loop:
-        engine.join()  # its loop reads the inbox until the worker closes it
+        engine.join()  # its loop, here or on its thread, reads the inbox until closed
         return
     while not inbox.closed:
         inbox(engine, idle=True)

@@ -1,6 +1,9 @@
 """Continuous batching: every running request shares one batched decode step per iteration.
 
-One loop thread owns the model. Each iteration it reads new requests (from `submit()` on any
+One loop thread owns the model: in the engine process, its main thread, the one that loaded
+the model (`own_thread=False`, then `join()` runs the loop). Torch's OpenMP keeps a pool of
+threads per calling thread, and on a 2-core CPU a second pool beside the loader's made every
+step 1.5-3x slower (docs/benchmarks.md). Each iteration it reads new requests (from `submit()` on any
 thread, or from the engine process's inbox, which it reads itself between iterations), drops
 cancelled rows, asks the scheduler (scheduler.py) what to admit and how, has the model runner
 (model_runner.py) prefill prompts that go apart and run ONE decode step for all rows with the
@@ -19,8 +22,7 @@ from collections.abc import Callable
 import torch
 
 from model_store.loader import LoadedModel
-from tasks.engine.batching.model_runner import ModelRunner
-from tasks.engine.batching.packed import can_pack
+from tasks.engine.batching.model_runner import runner_for
 from tasks.engine.batching.scheduler import Scheduler, prefill_groups, split_admitted
 from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, Request, StepSink,
                                     TokenStep, run_submitted, step_for)
@@ -65,11 +67,11 @@ class BatchingEngine:
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int,
                  after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None,
-                 pack_prompts: bool = True):
-        self._runner = ModelRunner(loaded.model, loaded.device)
+                 pack_prompts: bool = True, forward: str = "auto", own_thread: bool = True):
+        self._runner = runner_for(loaded, forward)
         self._device = loaded.device
         # prompts join a running batch inside its decode step, where the model allows it
-        self._pack_prompts = pack_prompts and can_pack(loaded)
+        self._pack_prompts = pack_prompts and self._runner.packs
         self._eos_ids = loaded.tokenizer.eos_token_ids
         self._grammars = Grammars.for_model(loaded)  # JSON Schemas, compiled at submit
         self._scheduler = Scheduler(max_batch_size, kv_cache_tokens)
@@ -80,8 +82,12 @@ class BatchingEngine:
         self.step_count = 0
         self.packed_prompts = 0  # prompts that joined a decode step instead of a prefill
         self.batch_sizes: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)  # (step, rows)
-        self._thread = threading.Thread(target=self._run, name="dawet-batcher", daemon=True)
-        self._thread.start()
+        self._loop_thread: threading.Thread | None = None  # the thread running the loop
+        self._loop_ended = threading.Event()
+        if own_thread:
+            self._loop_thread = threading.Thread(target=self._run, name="dawet-batcher",
+                                                 daemon=True)
+            self._loop_thread.start()
 
     @property
     def max_batch_size(self) -> int:
@@ -95,12 +101,15 @@ class BatchingEngine:
         """Stop the loop after its current iteration; requests still running are failed.
         Its inbox may call this too (the loop's own thread then does not wait for itself)."""
         self._scheduler.close()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        if self._loop_thread not in (None, threading.current_thread()):
+            self._loop_ended.wait(timeout)
 
     def join(self) -> None:
-        """Wait until the engine is closed and its loop has failed what was left."""
-        self._thread.join()
+        """Wait until the engine is closed and its loop has failed what was left; without a
+        thread of its own, run the loop on this thread until then."""
+        if self._loop_thread is None and not self._loop_ended.is_set():
+            self._run()
+        self._loop_ended.wait()
 
     @property
     def running(self) -> int:
@@ -128,6 +137,13 @@ class BatchingEngine:
 
     def _run(self) -> None:
         """The loop: take requests, drop stopped rows, admit, decode; block while idle."""
+        self._loop_thread = threading.current_thread()
+        try:
+            self._loop()
+        finally:
+            self._loop_ended.set()
+
+    def _loop(self) -> None:
         with torch.inference_mode():
             while not self._scheduler.closed:
                 try:

@@ -4,13 +4,17 @@ Like vLLM's ModelRunner it decides nothing: the engine tells it which prompts to
 which rows decode, and it returns logits. A prefill runs prompts left-padded in one pass; a
 decode step runs one column for every row, with joining prompts packed into the same pass
 (packed.py). The running rows' cache lives in the preallocated KVBatch (kv_cache.py).
+
+ModelRunner runs transformers' own forward, which serves any model; LlamaRunner runs ours
+(llama.py) for the Llama family, where every pass is packed and a prefill needs no padding.
 """
 from __future__ import annotations
 
 import torch
 
 from tasks.engine.batching.kv_cache import KVBatch
-from tasks.engine.batching.packed import PackedStep, packed_attention_on
+from tasks.engine.batching.llama import LlamaForward, supports
+from tasks.engine.batching.packed import PackedStep, can_pack, packed_attention_on
 
 
 def left_padded(prompts: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -34,11 +38,19 @@ class Prefill:
         self.logits, self.cache, self.mask = logits, cache, mask
 
 
-class ModelRunner:
-    """Runs the model over the batch's KV cache; one thread (the engine's loop) calls it."""
+def runner_for(loaded, forward: str = "auto") -> ModelRunner:
+    """Our forward where it serves the model and `forward` is auto, else transformers'."""
+    if forward == "auto" and supports(loaded):
+        return LlamaRunner(loaded)
+    return ModelRunner(loaded.model, loaded.device, can_pack(loaded))
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
-        self.model, self.device = model, device
+
+class ModelRunner:
+    """Runs the model over the batch's KV cache; one thread (the engine's loop) calls it.
+    `packs`: whether prompts can join a decode step (packed.py)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, packs: bool = False):
+        self.model, self.device, self.packs = model, device, packs
         self.kv = KVBatch(device)
 
     def prefill(self, prompts: list[list[int]]) -> Prefill:
@@ -93,3 +105,30 @@ class ModelRunner:
 
     def _column(self, values: list[int]) -> torch.Tensor:
         return torch.tensor([[value] for value in values], device=self.device)
+
+
+class LlamaRunner(ModelRunner):
+    """The runner on our own forward (llama.py): a prefill is a packed pass with no rows."""
+
+    def __init__(self, loaded):
+        super().__init__(loaded.model, loaded.device, packs=True)
+        self.forward = LlamaForward(loaded, loaded.spec.context_length)
+
+    def prefill(self, prompts: list[list[int]]) -> Prefill:
+        step = PackedStep(0, prompts)
+        return Prefill(self._pass(step, [], [], None), step, None)
+
+    def join_prefilled(self, prefill: Prefill, rows: list[int]) -> None:
+        for index in rows:
+            self.join_packed(prefill.cache, index)
+
+    def decode(self, tokens: list[int], positions: list[int],
+               prompts: list[list[int]]) -> tuple[torch.Tensor, PackedStep]:
+        step = PackedStep(len(tokens), prompts)
+        return self._pass(step, tokens, positions, self.kv.grow()), step
+
+    def _pass(self, step: PackedStep, tokens: list[int], positions: list[int],
+              row_mask: torch.Tensor | None) -> torch.Tensor:
+        inputs = step.inputs(tokens, positions, self.device)
+        return self.forward(inputs["input_ids"][0], inputs["position_ids"][0],
+                            inputs["logits_to_keep"], step, self.kv, row_mask)
