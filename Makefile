@@ -1,7 +1,8 @@
 # `make run` serves the demo model, `make test` runs the tests, `make bench` benchmarks the
 # pipeline (BENCH_ARGS=--quick for a smoke run; BENCH_ARGS='--backend vllm' for the vllm backend;
 # BENCH_ARGS=--keyspace or --responsive for the API's latency as Redis fills up, or beside huge
-# prompts; see docs/benchmarks.md).
+# prompts; --batch-lane for interactive TTFT beside a batch; --engine for our engine at 135M;
+# see docs/benchmarks.md).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -46,8 +47,9 @@ test: install-vllm demo-model
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # BENCH_ARGS='--backend vllm' compares the vllm backend with vLLM's own server on bench-model,
-# which only that bench builds (430 MB); --keyspace and --responsive use the demo model.
-bench: demo-model install-vllm $(if $(findstring --backend,$(BENCH_ARGS)),bench-model)
+# and '--engine' our engine's defaults against its old ones there; only those two build it
+# (430 MB). --keyspace, --responsive and --batch-lane use the demo model.
+bench: demo-model install-vllm $(if $(or $(findstring --backend,$(BENCH_ARGS)),$(findstring --engine,$(BENCH_ARGS))),bench-model)
 	HF_HUB_OFFLINE=1 $(PY) -m bench $(BENCH_ARGS)
 
 # A random-weight model of SmolLM2-135M's shape (about 430 MB), for benchmarks only.

@@ -2,7 +2,8 @@
 backend against vLLM's own server (bench/backends.py); with `--keyspace` the API's latency as
 Redis fills with history (bench/keyspace.py); with `--responsive` short requests' TTFT while
 huge prompts arrive (bench/responsive.py); with `--batch-lane` short requests' TTFT beside a
-running batch (bench/batch_lane.py)."""
+running batch (bench/batch_lane.py); with `--engine` our engine's new defaults against its old
+ones on a 135M-shaped model (bench/engine_forward.py)."""
 import sys
 
 if "--backend" in sys.argv[1:]:
@@ -11,6 +12,8 @@ elif "--keyspace" in sys.argv[1:]:
     from bench.keyspace import main
 elif "--responsive" in sys.argv[1:]:
     from bench.responsive import main
+elif "--engine" in sys.argv[1:]:
+    from bench.engine_forward import main
 elif "--batch-lane" in sys.argv[1:]:
     from bench.batch_lane import main
 else:

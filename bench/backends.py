@@ -35,7 +35,6 @@ logger = logging.getLogger("bench.backends")
 
 MODEL_DIR = ROOT / "var/models/dawet-bench-135m"
 NAME = "dawet-bench-135m"
-SIDES = ("dawet", "vllm")
 
 
 def registry_file(model_dir: Path, folder: Path) -> Path:
@@ -63,21 +62,24 @@ def dawet_stack(args: argparse.Namespace, folder: Path) -> Iterator[str]:
         stack.stop()
 
 
-def run_pairs(urls: dict[str, str], clients: int, args: argparse.Namespace) -> dict:
-    """A warm-up each, then `repeats` turns, alternating which side goes first."""
-    for side in SIDES:
-        run_load(urls[side], NAME, clients, 1, args.tokens, first_index=10**6)
-    runs: dict[str, list[LoadResult]] = {side: [] for side in SIDES}
+def run_pairs(urls: dict[str, str], clients: int, args: argparse.Namespace,
+              model: str = NAME) -> dict:
+    """A warm-up each, then `repeats` turns, alternating which side goes first. `urls` holds
+    two sides, the measured one first; ratios are it over the other."""
+    sides = tuple(urls)
+    for side in sides:
+        run_load(urls[side], model, clients, 1, args.tokens, first_index=10**6)
+    runs: dict[str, list[LoadResult]] = {side: [] for side in sides}
     for repeat in range(args.repeats):
-        order = SIDES if repeat % 2 == 0 else SIDES[::-1]
-        for side in order:
-            runs[side].append(run_load(urls[side], NAME, clients, args.requests, args.tokens,
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
+            runs[side].append(run_load(urls[side], model, clients, args.requests, args.tokens,
                                        first_index=repeat * clients * args.requests))
-        logger.info("C=%d repeat %d: dawet %.0f, vllm %.0f tok/s", clients, repeat,
-                    runs["dawet"][-1].tokens_per_second, runs["vllm"][-1].tokens_per_second)
-    ttft = [d.ttft_ms(0.5) / v.ttft_ms(0.5) for d, v in zip(runs["dawet"], runs["vllm"])]
-    pairs = paired_ratios(runs["dawet"], runs["vllm"])
-    return {"clients": clients, **{side: median_run(runs[side]) for side in SIDES},
+        logger.info("C=%d repeat %d: %s", clients, repeat, ", ".join(
+            f"{side} {runs[side][-1].tokens_per_second:.0f}" for side in sides) + " tok/s")
+    measured, other = (runs[side] for side in sides)
+    ttft = [m.ttft_ms(0.5) / o.ttft_ms(0.5) for m, o in zip(measured, other)]
+    pairs = paired_ratios(measured, other)
+    return {"clients": clients, **{side: median_run(runs[side]) for side in sides},
             "throughput": median(pairs), "ttft": median(ttft), "pairs": pairs}
 
 
