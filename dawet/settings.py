@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # KV-cache budget in tokens per worker: rows x the longest (prompt + max_new_tokens) in the
     # batch stays under it; more jobs wait, and a job that alone exceeds it fails.
     kv_cache_tokens: int = Field(65_536, ge=16)
+    # Tokens whose KV our forward keeps after their request (prompts, and finished replies), so
+    # that a later prompt starting the same way skips that part of its prefill: a conversation's
+    # next turn, a shared system prompt. Least recently used out first; 0: no prefix cache.
+    prefix_cache_tokens: int = Field(16_384, ge=0)
     # CPUs the engine process runs on alone (Linux's list syntax: "3", "2-3"); the worker, and
     # the Redis and API that `dawet run` starts, keep to the other CPUs. Empty: no pinning.
     engine_cpus: str = ""

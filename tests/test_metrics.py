@@ -148,3 +148,20 @@ def test_queue_depth_and_live_workers_are_read_from_redis(api, stack, redis_clie
         assert value(samples, "dawet_queue_depth", model=DEMO_MODEL) >= 0
     finally:
         redis_client.delete(f"dawet.{idle}")
+
+
+def test_the_prefix_cache_counts_the_prompt_tokens_it_found(api, stack):
+    before = wait_for_idle_worker(stack, DEMO_MODEL)
+    prompt = "Saya suka makan nasi goreng di pasar pagi bersama keluarga. " * 4
+    first = _run_job(api, prompt=prompt, max_new_tokens=4, min_new_tokens=4)
+    _run_job(api, prompt=prompt, max_new_tokens=4, min_new_tokens=4)  # the same start again
+    after = wait_for_idle_worker(stack, DEMO_MODEL)
+    model = {"model": DEMO_MODEL}
+
+    def delta(name):
+        return value(after, name, **model) - value(before, name, **model)
+
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert delta("dawet_prefix_cache_queried_tokens_total") == 2 * prompt_tokens
+    assert prompt_tokens - 16 <= delta("dawet_prefix_cache_hit_tokens_total") < prompt_tokens
+    assert value(after, "dawet_prefix_cache_tokens", **model) >= prompt_tokens - 16

@@ -30,6 +30,7 @@ class EngineOptions:
     log_level: str = "INFO"
     cpus: frozenset[int] = frozenset()  # the CPUs the engine process keeps to; empty: any
     forward: str = "auto"  # batching: auto (ours where it serves the model) | transformers
+    prefix_cache_tokens: int = 0  # batching on our forward: KV kept for later prompts
 
     @property
     def runs_own_loop(self) -> bool:
@@ -53,7 +54,7 @@ def engine_options(settings, spec: ModelSpec, cpus: frozenset[int] = frozenset()
     kind = "vllm" if spec.backend is Backend.VLLM else settings.engine
     return EngineOptions(kind, settings.max_batch_size, settings.kv_cache_tokens,
                          settings.torch_threads, settings.log_level, cpus,
-                         settings.engine_forward)
+                         settings.engine_forward, settings.prefix_cache_tokens)
 
 
 def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = True,
@@ -90,7 +91,8 @@ def build_engine(loaded, options: EngineOptions, after_steps=None, inbox=None):
         return SequentialEngine(loaded)
     # with an inbox, the engine process's main thread (the model's loader) runs the loop: join()
     return BatchingEngine(loaded, options.max_batch_size, options.kv_cache_tokens, after_steps,
-                          inbox, forward=options.forward, own_thread=inbox is None)
+                          inbox, forward=options.forward, own_thread=inbox is None,
+                          prefix_cache_tokens=options.prefix_cache_tokens)
 
 
 def configure_torch_threads(options: EngineOptions) -> None:

@@ -28,6 +28,16 @@ class EngineStats:
     kv_cache_usage: float | None = None  # fraction of KV-cache blocks in use, 0..1
     # bytes allocated on each visible GPU, when the engine runs in a process of its own
     gpu_memory_bytes: tuple[int, ...] | None = None
+    prefix_cache: PrefixCacheStats | None = None  # an engine with a prefix cache of its own
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """A prefix cache's tokens kept now, and prompt tokens looked up and found since it began."""
+
+    tokens: int
+    queried_tokens: int
+    hit_tokens: int
 
 
 @dataclass(frozen=True, slots=True)

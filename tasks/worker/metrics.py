@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from importlib import metadata
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 
-from tasks.engine.interface import EngineStats, cuda_memory_allocated
+from tasks.engine.interface import EngineStats, PrefixCacheStats, cuda_memory_allocated
 from tasks.jobs.contract import DoneEvent, ErrorEvent, Job
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,8 @@ class RuntimeCollector:
         if stats is not None and stats.kv_cache_usage is not None:
             yield _gauge("dawet_kv_cache_usage_ratio", "Fraction of the KV cache in use.",
                          self._model, stats.kv_cache_usage)
+        if stats is not None and stats.prefix_cache is not None:
+            yield from _prefix_cache(self._model, stats.prefix_cache)
         yield from gpu_memory(stats.gpu_memory_bytes if stats is not None else None)
 
 
@@ -163,6 +165,19 @@ def _gauge(name: str, documentation: str, model: str, value: float) -> GaugeMetr
     family = GaugeMetricFamily(name, documentation, labels=["model"])
     family.add_metric([model], value)
     return family
+
+
+def _prefix_cache(model: str, stats: PrefixCacheStats) -> Iterator:
+    """The engine's prefix cache (tasks.engine.interface.PrefixCacheStats): its hit rate is
+    rate(hit tokens) / rate(queried tokens)."""
+    yield _gauge("dawet_prefix_cache_tokens", "Tokens whose KV the prefix cache keeps.", model,
+                 stats.tokens)
+    for name, what, value in (("queried", "Prompt tokens looked up in", stats.queried_tokens),
+                              ("hit", "Prompt tokens found in", stats.hit_tokens)):
+        family = CounterMetricFamily(f"dawet_prefix_cache_{name}_tokens",
+                                     f"{what} the prefix cache.", labels=["model"])
+        family.add_metric([model], value)
+        yield family
 
 
 def gpu_memory(allocated: tuple[int, ...] | None = None) -> Iterator[GaugeMetricFamily]:

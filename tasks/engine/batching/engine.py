@@ -24,8 +24,8 @@ import torch
 from model_store.loader import LoadedModel
 from tasks.engine.batching.model_runner import runner_for
 from tasks.engine.batching.scheduler import Scheduler, prefill_groups, split_admitted
-from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, Request, StepSink,
-                                    TokenStep, run_submitted, step_for)
+from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, PrefixCacheStats,
+                                    Request, StepSink, TokenStep, run_submitted, step_for)
 from tasks.engine.sampling import NonFiniteLogits, Sampler, sample_batch
 from tasks.engine.structured import Grammars
 from tasks.jobs.contract import SamplingParams
@@ -44,14 +44,16 @@ class _Sequence:
         self.request, self._eos_ids = request, eos_ids
         self.sampler = Sampler(request.params, request.prompt_ids, eos_ids, device,
                                request.constraint)
-        self.length = len(request.prompt_ids)  # tokens so far, the last one not yet in the cache
-        self.last_token = request.prompt_ids[-1]
+        self.tokens = list(request.prompt_ids)  # so far; the last one is not yet in the cache
+        self.length = len(self.tokens)
+        self.last_token = self.tokens[-1]
 
     def accept(self, token: int) -> TokenStep:
         """The step for a sampled token; the sequence advances unless it ended."""
         step = step_for(token, self.sampler.produced, self.request.params, self._eos_ids,
                         self.sampler.logprobs)
         if step.token_id is not None:
+            self.tokens.append(step.token_id)
             self.last_token, self.length = step.token_id, self.length + 1
         return step
 
@@ -67,8 +69,9 @@ class BatchingEngine:
 
     def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int,
                  after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None,
-                 pack_prompts: bool = True, forward: str = "auto", own_thread: bool = True):
-        self._runner = runner_for(loaded, forward)
+                 pack_prompts: bool = True, forward: str = "auto", own_thread: bool = True,
+                 prefix_cache_tokens: int = 0):
+        self._runner = runner_for(loaded, forward, prefix_cache_tokens)
         self._device = loaded.device
         # prompts join a running batch inside its decode step, where the model allows it
         self._pack_prompts = pack_prompts and self._runner.packs
@@ -119,8 +122,11 @@ class BatchingEngine:
     def stats(self) -> EngineStats:
         """Batch size, waiting requests and the share of the KV budget the padded batch holds."""
         held = len(self._rows) * self._runner.width
+        prefixes = getattr(self._runner, "prefixes", None)
         return EngineStats(len(self._rows), len(self._scheduler.waiting),
-                           min(held / self.kv_cache_tokens, 1.0))
+                           min(held / self.kv_cache_tokens, 1.0),
+                           prefix_cache=None if prefixes is None else PrefixCacheStats(
+                               prefixes.tokens, prefixes.queried_tokens, prefixes.hit_tokens))
 
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:
@@ -245,6 +251,7 @@ class BatchingEngine:
         for index in rows:
             if final is not None:
                 self._rows[index].request.deliver(final)
+            self._runner.remember(index, self._rows[index].tokens[:-1])
         gone = set(rows)
         order = self._runner.keep([i for i in range(len(self._rows)) if i not in gone])
         self._rows = [self._rows[i] for i in order]

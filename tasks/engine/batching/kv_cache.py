@@ -104,6 +104,13 @@ class KVBatch:
         self._values[layer][:self.rows, :, column] = values
         return self._keys[layer][:self.rows, :, window], self._values[layer][:self.rows, :, window]
 
+    def row_cache(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A row's last `length` cached keys and values, (1, heads, length, dim) per layer: its
+        tokens, as it was left-padded to the window."""
+        span = slice(self.end - length, self.end)
+        return ([keys[row:row + 1, :, span] for keys in self._keys],
+                [values[row:row + 1, :, span] for values in self._values])
+
     def keep(self, rows: list[int]) -> list[int]:
         """Keep only these rows (ascending), filling each freed slot with a row from the end.
         Returns the kept rows' old indices in their new order."""

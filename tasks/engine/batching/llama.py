@@ -152,18 +152,32 @@ class LlamaForward:
             out = F.scaled_dot_product_attention(q[:rows].unsqueeze(2), keys, values, row_mask,
                                                  scale=self.scaling, enable_gqa=True)
             parts.append(out.reshape(rows, -1))
-        if step.prompts:  # each prompt attends causally to itself
+        if step.prompts:  # each prompt attends causally to itself, its cached start included
             prompt_k = k[rows:].transpose(0, 1).unsqueeze(0)
             prompt_v = v[rows:].transpose(0, 1).unsqueeze(0)
             step.hold(index, prompt_k, prompt_v)
             prompt_q = q[rows:].transpose(0, 1).unsqueeze(0)
-            for start, end in step.spans:
-                out = F.scaled_dot_product_attention(
+            for number, (start, end) in enumerate(step.spans):
+                parts.append(self._prompt_attention(
                     prompt_q[:, :, start:end], prompt_k[:, :, start:end],
-                    prompt_v[:, :, start:end], is_causal=True, scale=self.scaling,
-                    enable_gqa=True)
-                parts.append(out[0].transpose(0, 1).reshape(end - start, -1))
+                    prompt_v[:, :, start:end], step, number, index))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          step: PackedStep, number: int, layer: int) -> torch.Tensor:
+        """Prompt `number`'s attention (1, heads, tokens, dim) → (tokens, heads x dim): causal
+        over its own tokens, after every cached token of its start."""
+        mask, causal, hit = None, True, step.context.get(number)
+        if hit is not None:
+            k, v = torch.cat((hit.keys[layer], k), dim=2), torch.cat((hit.values[layer], v), dim=2)
+            step.hold_whole(number, layer, k, v)
+            tokens = q.shape[2]
+            mask = torch.ones(tokens, tokens + hit.tokens, dtype=torch.bool,
+                              device=q.device).tril(diagonal=hit.tokens)
+            causal = False
+        out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=self.scaling,
+                                             enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(q.shape[2], -1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from tasks.engine.batching.kv_cache import KVBatch
 from tasks.engine.batching.llama import LlamaForward, supports
 from tasks.engine.batching.packed import PackedStep, can_pack, packed_attention_on
+from tasks.engine.batching.prefix_cache import PrefixCache
 
 
 def left_padded(prompts: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -38,10 +39,11 @@ class Prefill:
         self.logits, self.cache, self.mask = logits, cache, mask
 
 
-def runner_for(loaded, forward: str = "auto") -> ModelRunner:
-    """Our forward where it serves the model and `forward` is auto, else transformers'."""
+def runner_for(loaded, forward: str = "auto", prefix_cache_tokens: int = 0) -> ModelRunner:
+    """Our forward where it serves the model and `forward` is auto, else transformers'. Ours
+    keeps up to `prefix_cache_tokens` tokens' KV for prompts that start the same way."""
     if forward == "auto" and supports(loaded):
-        return LlamaRunner(loaded)
+        return LlamaRunner(loaded, prefix_cache_tokens)
     return ModelRunner(loaded.model, loaded.device, can_pack(loaded))
 
 
@@ -87,6 +89,10 @@ class ModelRunner:
         """The `index`-th packed prompt joins the running batch's cache as a new row."""
         self.kv.add_rows(*packed.prompt_cache(index))
 
+    def remember(self, row: int, tokens: list[int]) -> None:
+        """A row about to leave the batch, whose cache holds `tokens`: a runner with a prefix
+        cache keeps them for later prompts that start the same way."""
+
     def advance(self) -> None:
         """The decode step's column is written: every row is one longer."""
         self.kv.advance()
@@ -108,15 +114,17 @@ class ModelRunner:
 
 
 class LlamaRunner(ModelRunner):
-    """The runner on our own forward (llama.py): a prefill is a packed pass with no rows."""
+    """The runner on our own forward (llama.py): a prefill is a packed pass with no rows, and
+    a prompt's cached start (prefix_cache.py) is not computed again."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, prefix_cache_tokens: int = 0):
         super().__init__(loaded.model, loaded.device, packs=True)
         self.forward = LlamaForward(loaded, loaded.spec.context_length)
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
 
     def prefill(self, prompts: list[list[int]]) -> Prefill:
-        step = PackedStep(0, prompts)
-        return Prefill(self._pass(step, [], [], None), step, None)
+        step = self._step(0, prompts)
+        return Prefill(self._pass(step, prompts, [], [], None), step, None)
 
     def join_prefilled(self, prefill: Prefill, rows: list[int]) -> None:
         for index in rows:
@@ -124,11 +132,29 @@ class LlamaRunner(ModelRunner):
 
     def decode(self, tokens: list[int], positions: list[int],
                prompts: list[list[int]]) -> tuple[torch.Tensor, PackedStep]:
-        step = PackedStep(len(tokens), prompts)
-        return self._pass(step, tokens, positions, self.kv.grow()), step
+        step = self._step(len(tokens), prompts)
+        return self._pass(step, prompts, tokens, positions, self.kv.grow()), step
 
-    def _pass(self, step: PackedStep, tokens: list[int], positions: list[int],
-              row_mask: torch.Tensor | None) -> torch.Tensor:
+    def remember(self, row: int, tokens: list[int]) -> None:
+        if self.prefixes is not None:
+            self.prefixes.keep(tokens, *self.kv.row_cache(row, len(tokens)), copy=True)
+
+    def _step(self, rows: int, prompts: list[list[int]]) -> PackedStep:
+        """A packed step for the rows and these prompts, each cut after its cached start."""
+        if self.prefixes is None or not prompts:
+            return PackedStep(rows, prompts)
+        hits = [self.prefixes.lookup(prompt) for prompt in prompts]
+        return PackedStep(rows, [p[h.tokens:] if h else p for p, h in zip(prompts, hits)],
+                          [h.tokens if h else 0 for h in hits],
+                          {index: hit for index, hit in enumerate(hits) if hit})
+
+    def _pass(self, step: PackedStep, prompts: list[list[int]], tokens: list[int],
+              positions: list[int], row_mask: torch.Tensor | None) -> torch.Tensor:
         inputs = step.inputs(tokens, positions, self.device)
-        return self.forward(inputs["input_ids"][0], inputs["position_ids"][0],
-                            inputs["logits_to_keep"], step, self.kv, row_mask)
+        logits = self.forward(inputs["input_ids"][0], inputs["position_ids"][0],
+                              inputs["logits_to_keep"], step, self.kv, row_mask)
+        if self.prefixes is not None:
+            for index, prompt in enumerate(prompts):  # a cached start's prompt owns its tensors
+                self.prefixes.keep(prompt, *step.prompt_cache(index),
+                                   copy=index not in step.context)
+        return logits

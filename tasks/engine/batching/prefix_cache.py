@@ -1,0 +1,108 @@
+"""Keys and values of token sequences the engine has seen, so a prompt that starts the same way
+skips that part of its prefill: a conversation's next turn (its history was the last turn's
+prompt and reply), a system prompt many users share, a regenerated reply.
+
+Sequences are kept whole, cut to full blocks of BLOCK tokens: a prompt once it is prefilled, a
+row once it leaves the batch (its prompt and reply). Each block-aligned prefix of a kept
+sequence is indexed by a hash chained over its blocks, as vLLM's block hashes are, so a lookup
+walks the prompt's blocks and takes the longest prefix some kept sequence shares; the tokens
+are compared too, so a hash collision can never hand out another prefix's cache. Kept
+sequences are evicted least recently used first when a new one would exceed the budget in
+tokens. A shared prefix is stored once per sequence that holds it: simpler than blocks shared
+by reference, at the cost of memory the budget bounds.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 16  # tokens per block: the unit of a match
+
+
+@dataclass
+class _Kept:
+    tokens: list[int]
+    keys: list[torch.Tensor]  # per layer (1, kv heads, tokens, head dim)
+    values: list[torch.Tensor]
+
+
+@dataclass
+class Hit:
+    """The first `tokens` tokens of a prompt, and their keys and values for each layer."""
+
+    tokens: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class PrefixCache:
+    """Kept sequences' KV by block-aligned prefix, least recently used out first."""
+
+    def __init__(self, capacity_tokens: int):
+        self.capacity_tokens = capacity_tokens
+        self.tokens = 0  # tokens kept, over all sequences
+        self.queried_tokens = 0  # prompt tokens looked up, and those a hit covered
+        self.hit_tokens = 0
+        self._kept: OrderedDict[int, _Kept] = OrderedDict()  # by id, oldest use first
+        self._index: dict[int, tuple[int, int]] = {}  # prefix hash: (kept id, its blocks)
+        self._next_id = 0
+
+    def lookup(self, prompt: list[int]) -> Hit | None:
+        """The longest kept prefix of `prompt` that leaves at least its last token to compute
+        (a prefill must yield logits), or None."""
+        self.queried_tokens += len(prompt)
+        best: tuple[int, int] | None = None
+        for blocks, digest in enumerate(_chain(prompt[:len(prompt) - 1]), start=1):
+            found = self._index.get(digest)
+            if found is None:
+                break
+            best = found[0], blocks
+        if best is None:
+            return None
+        kept_id, blocks = best
+        kept, length = self._kept[kept_id], blocks * BLOCK
+        if kept.tokens[:length] != prompt[:length]:  # a hash collision: no hit
+            return None
+        self._kept.move_to_end(kept_id)
+        self.hit_tokens += length
+        return Hit(length, [k[:, :, :length] for k in kept.keys],
+                   [v[:, :, :length] for v in kept.values])
+
+    def keep(self, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
+             copy: bool) -> None:
+        """Keep a sequence's full blocks: `keys` and `values` per layer (1, kv heads, at least
+        its tokens, head dim). `copy` them when they are views of a larger tensor, which they
+        would otherwise keep alive, or of a buffer that changes."""
+        length = len(tokens) // BLOCK * BLOCK
+        if length == 0 or length > self.capacity_tokens:
+            return
+        digests = list(_chain(tokens[:length]))
+        if self._index.get(digests[-1], (None, 0))[1] == len(digests):
+            self._kept.move_to_end(self._index[digests[-1]][0])  # kept already
+            return
+        while self.tokens + length > self.capacity_tokens:
+            self._evict_oldest()
+        kept_id, self._next_id = self._next_id, self._next_id + 1
+        cut = (lambda t: t[:, :, :length].clone()) if copy else (lambda t: t[:, :, :length])
+        self._kept[kept_id] = _Kept(tokens[:length], [cut(k) for k in keys],
+                                    [cut(v) for v in values])
+        self.tokens += length
+        for blocks, digest in enumerate(digests, start=1):
+            self._index[digest] = (kept_id, blocks)
+
+    def _evict_oldest(self) -> None:
+        kept_id, kept = self._kept.popitem(last=False)
+        self.tokens -= len(kept.tokens)
+        for digest in _chain(kept.tokens):
+            if self._index.get(digest, (None,))[0] == kept_id:
+                del self._index[digest]
+
+
+def _chain(tokens: list[int]):
+    """The hash of each full block's prefix: block i's chained over blocks 0..i."""
+    digest = 0
+    for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
+        digest = hash((digest, tuple(tokens[start:start + BLOCK])))
+        yield digest
