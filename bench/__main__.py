@@ -3,7 +3,8 @@ backend against vLLM's own server (bench/backends.py); with `--keyspace` the API
 Redis fills with history (bench/keyspace.py); with `--responsive` short requests' TTFT while
 huge prompts arrive (bench/responsive.py); with `--batch-lane` short requests' TTFT beside a
 running batch (bench/batch_lane.py); with `--engine` our engine's new defaults against its old
-ones on a 135M-shaped model (bench/engine_forward.py)."""
+ones on a 135M-shaped model (bench/engine_forward.py); with `--prefix` a conversation's next
+turn with and without the prefix cache (bench/prefix.py)."""
 import sys
 
 if "--backend" in sys.argv[1:]:
@@ -14,6 +15,8 @@ elif "--responsive" in sys.argv[1:]:
     from bench.responsive import main
 elif "--engine" in sys.argv[1:]:
     from bench.engine_forward import main
+elif "--prefix" in sys.argv[1:]:
+    from bench.prefix import main
 elif "--batch-lane" in sys.argv[1:]:
     from bench.batch_lane import main
 else:

@@ -46,18 +46,23 @@ def registry_file(model_dir: Path, dtype: str, folder: Path) -> Path:
 
 
 @contextmanager
-def stack(model_dir: Path, forward: str, dtype: str, folder: Path) -> Iterator[str]:
-    """Redis, one worker and the API with `dawet run`'s defaults; yields the API's URL."""
-    settings = Settings(models_file=registry_file(model_dir, dtype, folder), default_model=NAME,
-                        api_port=free_port(), engine_forward=forward, log_level="WARNING",
-                        worker_metrics_port=0)
-    logs = folder / forward
+def settings_stack(folder: Path, name: str, **settings) -> Iterator[str]:
+    """Redis, one worker and the API with `dawet run`'s defaults but `settings`, logging under
+    folder/name; yields the API's URL."""
+    logs = folder / name
     logs.mkdir()
-    running = Stack(settings, log_dir=logs, ready_timeout=600).start()
+    running = Stack(Settings(api_port=free_port(), log_level="WARNING", worker_metrics_port=0,
+                             **settings), log_dir=logs, ready_timeout=600).start()
     try:
         yield running.api_url
     finally:
         running.stop()
+
+
+def stack(model_dir: Path, forward: str, dtype: str, folder: Path):
+    """A stack serving the checkpoint in `dtype` on the `forward` pass."""
+    return settings_stack(folder, forward, models_file=registry_file(model_dir, dtype, folder),
+                          default_model=NAME, engine_forward=forward)
 
 
 def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
