@@ -328,11 +328,11 @@ class _PoisonRow:
     def __init__(self, engine: BatchingEngine, row: int, at: int):
         self.row, self.at, self.decodes, self.poisoned = row, at, 0, False
         self._runner = engine._runner
-        self._decode = self._runner.decode
-        self._runner.decode = self
+        self._decode = self._runner.decode_parts
+        self._runner.decode_parts = self
 
-    def __call__(self, tokens, positions, prompts):
-        logits, packed = self._decode(tokens, positions, prompts)
+    def __call__(self, tokens, positions, parts):
+        logits, packed = self._decode(tokens, positions, parts)
         if len(tokens) > self.row:
             self.decodes += 1
             if self.decodes == self.at:
@@ -341,7 +341,7 @@ class _PoisonRow:
         return logits, packed
 
     def remove(self) -> None:
-        del self._runner.decode  # the class's own method again
+        del self._runner.decode_parts  # the class's own method again
 
 
 def test_a_row_with_non_finite_logits_fails_alone_and_its_batch_goes_on(engine, loaded):
@@ -378,11 +378,11 @@ def test_a_step_that_fails_after_its_forward_pass_fails_its_rows_and_joiners_and
     params[0] = params[0].model_copy(update={"max_new_tokens": 40, "min_new_tokens": 40})
     engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536)
     runner = engine._runner
-    decode, advance, failed, joins = runner.decode, runner.advance, [], []
+    decode, advance, failed, joins = runner.decode_parts, runner.advance, [], []
 
-    def decode_noting_the_last_prompt(tokens, positions, joining):
-        joins.append(prompts[-1] in joining)
-        return decode(tokens, positions, joining)
+    def decode_noting_the_last_prompt(tokens, positions, parts):
+        joins.append(any(part.ids == prompts[-1] for part in parts))
+        return decode(tokens, positions, parts)
 
     def advance_failing_when_it_joins():
         if joins[-1] and not failed:
@@ -390,7 +390,7 @@ def test_a_step_that_fails_after_its_forward_pass_fails_its_rows_and_joiners_and
             raise MemoryError("out of memory growing the KV cache")
         advance()
 
-    monkeypatch.setattr(runner, "decode", decode_noting_the_last_prompt)
+    monkeypatch.setattr(runner, "decode_parts", decode_noting_the_last_prompt)
     monkeypatch.setattr(runner, "advance", advance_failing_when_it_joins)
     try:
         staggered = _Staggered(engine, prompts, params)
@@ -432,3 +432,45 @@ def test_a_continued_reply_is_the_greedy_reply_and_deterministic_for_a_seed(redi
     assert _texts(first) == _texts(second)  # the same seam and seed: the same continuation
     assert _texts(first)[:12] == _texts(earlier)[:12]
     assert first[-1]["usage"]["completion_tokens"] == 48
+
+
+def test_a_long_prompt_prefills_in_parts_between_the_running_rows_steps(loaded):
+    """Chunked prefill: a 1,800-token prompt that arrives mid-batch is computed at most
+    PACKED_PROMPT_TOKENS tokens per step, and the running row gets a token at every one of
+    those steps; the prompt's reply is the one it gets prefilled whole."""
+    words = "Saya suka makan nasi goreng di pasar pagi bersama keluarga besar kami. "
+    long_prompt = loaded.tokenizer.encode(words * 200)[:1800]
+    short = _prompts(loaded)[0]
+    params = SamplingParams(max_new_tokens=8, min_new_tokens=8, temperature=0.0, top_p=1.0)
+    running = params.model_copy(update={"max_new_tokens": 60, "min_new_tokens": 60})
+    whole = BatchingEngine(loaded, max_batch_size=4, kv_cache_tokens=65_536, pack_prompts=False)
+    try:
+        expected = _tokens(iterate(whole, long_prompt, params))
+    finally:
+        whole.close()
+    engine = BatchingEngine(loaded, max_batch_size=4, kv_cache_tokens=65_536)
+    alone: list = []
+    alone_ended = threading.Event()  # alone, with no row running, it prefills in parts too
+    engine.submit(long_prompt, params, threading.Event(), lambda step: alone.append(step.token_id),
+                  lambda error: alone_ended.set())
+    assert alone_ended.wait(120) and alone == expected
+    steps_of_the_row: list[int] = []
+    late: list = []
+    row_ended, late_ended = threading.Event(), threading.Event()
+
+    def sink(step: TokenStep) -> None:
+        steps_of_the_row.append(engine.step_count)
+        if len(steps_of_the_row) == 5:  # the row is running: the long prompt arrives
+            engine.submit(long_prompt, params, threading.Event(),
+                          lambda step: late.append(step.token_id), lambda e: late_ended.set())
+    try:
+        engine.submit(short, running, threading.Event(), sink, lambda error: row_ended.set())
+        assert row_ended.wait(120) and late_ended.wait(120)
+        assert late == expected
+        computed = [(step, tokens) for step, tokens in engine.prompt_tokens if tokens]
+        assert max(tokens for _, tokens in computed) <= PACKED_PROMPT_TOKENS
+        long_steps = [step for step, tokens in computed if step > steps_of_the_row[4]]
+        assert len(long_steps) >= -(-len(long_prompt) // PACKED_PROMPT_TOKENS)
+        assert set(long_steps) <= set(steps_of_the_row)  # the row got a token at each
+    finally:
+        engine.close()

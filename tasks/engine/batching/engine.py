@@ -22,8 +22,10 @@ from collections.abc import Callable
 import torch
 
 from model_store.loader import LoadedModel
-from tasks.engine.batching.model_runner import runner_for
-from tasks.engine.batching.scheduler import Scheduler, prefill_groups, split_admitted
+from tasks.engine.batching.model_runner import PromptPart, runner_for
+from tasks.engine.batching.prefix_cache import Hit
+from tasks.engine.batching.scheduler import (PACKED_PROMPT_TOKENS, Scheduler, prefill_groups,
+                                             split_admitted)
 from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, PrefixCacheStats,
                                     Request, StepSink, TokenStep, run_submitted, step_for)
 from tasks.engine.sampling import NonFiniteLogits, Sampler, sample_batch
@@ -58,6 +60,21 @@ class _Sequence:
         return step
 
 
+class _Prefilling:
+    """An admitted request whose prompt is being computed, a part per step on a runner that
+    chunks; `start`: its tokens computed so far, with their keys and values."""
+
+    def __init__(self, sequence: _Sequence, start: Hit | None):
+        self.sequence, self.start = sequence, start
+
+    def next_part(self, budget: int | None) -> PromptPart:
+        """Its next part: the rest of its prompt, or `budget` tokens of it at most."""
+        ids = self.sequence.request.prompt_ids
+        done = self.start.tokens if self.start is not None else 0
+        return PromptPart(ids, self.start, len(ids) if budget is None else min(len(ids),
+                                                                               done + budget))
+
+
 class BatchingEngine:
     """Continuous batching behind the Engine interface; safe to call from many threads.
 
@@ -75,16 +92,21 @@ class BatchingEngine:
         self._device = loaded.device
         # prompts join a running batch inside its decode step, where the model allows it
         self._pack_prompts = pack_prompts and self._runner.packs
+        # ... and, where the runner computes part of a prompt per step, every prompt does
+        self._chunks = self._pack_prompts and self._runner.chunks
         self._eos_ids = loaded.tokenizer.eos_token_ids
         self._grammars = Grammars.for_model(loaded)  # JSON Schemas, compiled at submit
         self._scheduler = Scheduler(max_batch_size, kv_cache_tokens)
         self._after_steps = after_steps  # called after a forward pass's steps reached sinks
         self._inbox = inbox  # read by the loop at each iteration; it blocks there when idle
         self._rows: list[_Sequence] = []
+        self._prefilling: list[_Prefilling] = []  # prompts joining the batch, oldest first
         self._admitted: list[Request] = []
         self.step_count = 0
         self.packed_prompts = 0  # prompts that joined a decode step instead of a prefill
         self.batch_sizes: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)  # (step, rows)
+        # (step, prompt tokens it computed): at most PACKED_PROMPT_TOKENS on a runner that chunks
+        self.prompt_tokens: deque[tuple[int, int]] = deque(maxlen=HISTORY_STEPS)
         self._loop_thread: threading.Thread | None = None  # the thread running the loop
         self._loop_ended = threading.Event()
         if own_thread:
@@ -163,15 +185,31 @@ class BatchingEngine:
     def _iterate(self) -> None:
         self._take_requests()
         self._evict([i for i, s in enumerate(self._rows) if s.request.stopped], CANCELLED_STEP)
-        admitted = self._scheduler.admit([s.request for s in self._rows])
+        self._drop_stopped_prefills()
+        admitted = self._scheduler.admit(self._scheduled())
         self._admitted = admitted  # taken from the queue, not yet in rows: a failure fails them
-        joining, apart = split_admitted(admitted, self._pack_prompts and bool(self._rows))
+        if self._chunks:  # every prompt joins the steps, a part within each one's budget
+            joining, apart = admitted, []
+        else:
+            joining, apart = split_admitted(admitted, self._pack_prompts and bool(self._rows))
+        self._prefilling += [_Prefilling(_Sequence(r, self._eos_ids, self._device),
+                                         self._runner.cached_start(r.prompt_ids))
+                             for r in joining]
         for group in prefill_groups(apart):
             self._prefill(group)
             self._steps_delivered()  # first tokens go out before the decode step
-        if self._rows:
-            self._decode_step(joining)
+        if self._rows or self._prefilling:
+            self._decode_step()
             self._steps_delivered()
+
+    def _scheduled(self) -> list[Request]:
+        return [s.request for s in self._rows] + [p.sequence.request for p in self._prefilling]
+
+    def _drop_stopped_prefills(self) -> None:
+        stopped = [p for p in self._prefilling if p.sequence.request.stopped]
+        for prefilling in stopped:
+            prefilling.sequence.request.deliver(CANCELLED_STEP)
+        self._prefilling = [p for p in self._prefilling if p not in stopped]
 
     def _steps_delivered(self) -> None:
         if self._after_steps is not None:
@@ -179,10 +217,11 @@ class BatchingEngine:
 
     def _take_requests(self) -> None:
         """Read the inbox, or wait on the other threads' submissions, blocking while idle."""
+        busy = len(self._rows) + len(self._prefilling)
         if self._inbox is not None:
-            self._inbox(self, not self._rows and not self._scheduler.waiting)
+            self._inbox(self, not busy and not self._scheduler.waiting)
         else:
-            self._scheduler.wait_for_work(len(self._rows))
+            self._scheduler.wait_for_work(busy)
 
     def _prefill(self, group: list[Request]) -> None:
         """Run the prompts as one batch, deliver first tokens, join those not ended."""
@@ -211,38 +250,71 @@ class BatchingEngine:
         sequence.request.deliver(step)
         return step.finish is not None
 
-    def _decode_step(self, joining: list[Request]) -> None:
-        """One forward pass for every running row and the prompts joining them, then per-row
-        sampling and eviction; the joining requests that did not end take rows."""
+    def _decode_step(self) -> None:
+        """One forward pass for every running row and the prompt parts this step computes,
+        then per-row sampling and eviction; a prompt whose last part ran takes a row, unless
+        its first token ended it."""
         self.step_count += 1
         self.batch_sizes.append((self.step_count, len(self._rows)))
-        joiners = [_Sequence(r, self._eos_ids, self._device) for r in joining]
+        parts = self._parts()
         try:
-            logits, packed = self._forward(joiners)
+            logits, packed = self._forward([part for _, part in parts])
         except Exception:
-            if not joining:
+            if not parts:
                 raise
             # a prompt may be what failed: prefilled apart, a failure fails its own requests
             logger.exception("a packed decode step failed; its prompts prefill apart")
-            for group in prefill_groups(joining):
+            self._prefilling = [p for p in self._prefilling if all(p is not q for q, _ in parts)]
+            for group in prefill_groups([p.sequence.request for p, _ in parts]):
                 self._prefill(group)
-            joiners, (logits, packed) = [], self._forward([])
-        self._runner.advance()
-        self.packed_prompts += len(joiners)
+            parts, (logits, packed) = [], self._forward([])
+        if self._rows:
+            self._runner.advance()
+        self.prompt_tokens.append((self.step_count, sum(p.end - p.done for _, p in parts)))
+        self._sample_and_join(logits, packed, parts)
+
+    def _parts(self) -> list[tuple[_Prefilling, PromptPart]]:
+        """The prompt parts this step computes, oldest prompt first: on a runner that chunks,
+        PACKED_PROMPT_TOKENS tokens in all at most, so that a long prompt never stalls the
+        running rows for more than a step's budget; elsewhere whole prompts."""
+        if not self._chunks:
+            return [(p, p.next_part(None)) for p in self._prefilling]
+        parts, room = [], PACKED_PROMPT_TOKENS
+        for prefilling in self._prefilling:
+            if room <= 0:
+                break
+            part = prefilling.next_part(room)
+            parts.append((prefilling, part))
+            room -= part.end - part.done
+        return parts
+
+    def _sample_and_join(self, logits: torch.Tensor, packed,
+                         parts: list[tuple[_Prefilling, PromptPart]]) -> None:
+        """Sample the rows and the prompts whose last part ran; evict the rows that ended and
+        let those prompts take rows. A prompt with parts to go keeps what it computed."""
+        rows = len(self._rows)
+        finals = [index for index, (_, part) in enumerate(parts) if part.final]
+        for index, (prefilling, part) in enumerate(parts):
+            if not part.final:
+                prefilling.start = self._runner.started(packed, index, part)
+        done = {id(parts[index][0]) for index in finals}
+        self._prefilling = [p for p in self._prefilling if id(p) not in done]
+        joiners = [parts[index][0].sequence for index in finals]
+        if len(finals) < len(parts):
+            logits = logits[list(range(rows)) + [rows + index for index in finals]]
         sequences = self._rows + joiners
         tokens = sample_batch([s.sampler for s in sequences], logits)
         ended = [self._accept(s, token) for s, token in zip(sequences, tokens)]
-        rows = len(self._rows)
         self._evict([i for i, done in enumerate(ended[:rows]) if done])
-        for index, (joiner, done) in enumerate(zip(joiners, ended[rows:])):
-            if not done:
+        self.packed_prompts += len(joiners)
+        for index, joiner, ended_now in zip(finals, joiners, ended[rows:]):
+            if not ended_now:
                 self._runner.join_packed(packed, index)
                 self._rows.append(joiner)
 
-    def _forward(self, joiners: list[_Sequence]):
-        return self._runner.decode([s.last_token for s in self._rows],
-                                   [s.length - 1 for s in self._rows],
-                                   [s.request.prompt_ids for s in joiners])
+    def _forward(self, parts: list[PromptPart]):
+        return self._runner.decode_parts([s.last_token for s in self._rows],
+                                         [s.length - 1 for s in self._rows], parts)
 
     def _evict(self, rows: list[int], final: TokenStep | None = None) -> None:
         """Remove these rows from the batch, sending each a `final` step when given."""
@@ -260,7 +332,7 @@ class BatchingEngine:
         """Hand the error to every running request and to those this iteration admitted (a
         request that already ended ignores it), and start over with an empty batch. The
         requests still waiting run in the next iteration."""
-        for request in [s.request for s in self._rows] + self._admitted:
+        for request in self._scheduled() + self._admitted:
             request.deliver(exc)
-        self._rows, self._admitted = [], []
+        self._rows, self._prefilling, self._admitted = [], [], []
         self._runner.reset()

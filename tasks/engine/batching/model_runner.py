@@ -10,12 +10,14 @@ ModelRunner runs transformers' own forward, which serves any model; LlamaRunner 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tasks.engine.batching.kv_cache import KVBatch
 from tasks.engine.batching.llama import LlamaForward, supports
 from tasks.engine.batching.packed import PackedStep, can_pack, packed_attention_on
-from tasks.engine.batching.prefix_cache import PrefixCache
+from tasks.engine.batching.prefix_cache import Hit, PrefixCache
 
 
 def left_padded(prompts: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -47,9 +49,34 @@ def runner_for(loaded, forward: str = "auto", prefix_cache_tokens: int = 0) -> M
     return ModelRunner(loaded.model, loaded.device, can_pack(loaded))
 
 
+@dataclass
+class PromptPart:
+    """What a step computes of a prompt: its tokens from `start`'s end (those computed already,
+    with their keys and values; None: from the first) to `end` (None: its last). The step's
+    logits for it are its next token's only when the part is final."""
+
+    ids: list[int]
+    start: Hit | None = None
+    end: int | None = None
+
+    def __post_init__(self):
+        self.end = len(self.ids) if self.end is None else self.end
+
+    @property
+    def done(self) -> int:
+        return self.start.tokens if self.start is not None else 0
+
+    @property
+    def final(self) -> bool:
+        return self.end == len(self.ids)
+
+
 class ModelRunner:
     """Runs the model over the batch's KV cache; one thread (the engine's loop) calls it.
-    `packs`: whether prompts can join a decode step (packed.py)."""
+    `packs`: whether prompts can join a decode step (packed.py); `chunks`: whether a step can
+    compute part of a prompt (PromptPart), for a chunked prefill."""
+
+    chunks = False
 
     def __init__(self, model: torch.nn.Module, device: torch.device, packs: bool = False):
         self.model, self.device, self.packs = model, device, packs
@@ -85,6 +112,20 @@ class ModelRunner:
             self.kv.packed = None
         return out.logits[0], packed
 
+    def decode_parts(self, tokens: list[int], positions: list[int],
+                     parts: list[PromptPart]) -> tuple[torch.Tensor, PackedStep | None]:
+        """decode(), for prompts given as parts; here every part is a whole prompt."""
+        assert all(part.start is None and part.final for part in parts)
+        return self.decode(tokens, positions, [part.ids for part in parts])
+
+    def cached_start(self, prompt: list[int]) -> Hit | None:
+        """The start of `prompt` whose keys and values are cached already: none here."""
+        return None
+
+    def started(self, packed: PackedStep, index: int, part: PromptPart) -> Hit:
+        """A non-final part's prompt as its next part starts from (a runner that chunks)."""
+        raise NotImplementedError("this runner computes whole prompts only")
+
     def join_packed(self, packed: PackedStep, index: int) -> None:
         """The `index`-th packed prompt joins the running batch's cache as a new row."""
         self.kv.add_rows(*packed.prompt_cache(index))
@@ -114,17 +155,24 @@ class ModelRunner:
 
 
 class LlamaRunner(ModelRunner):
-    """The runner on our own forward (llama.py): a prefill is a packed pass with no rows, and
-    a prompt's cached start (prefix_cache.py) is not computed again."""
+    """The runner on our own forward (llama.py): a prefill is a packed pass with no rows; a
+    prompt's cached start (prefix_cache.py) is not computed again, and a long prompt can be
+    computed a part per step (chunked prefill: PromptPart)."""
+
+    chunks = True
 
     def __init__(self, loaded, prefix_cache_tokens: int = 0):
         super().__init__(loaded.model, loaded.device, packs=True)
         self.forward = LlamaForward(loaded, loaded.spec.context_length)
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
 
+    def cached_start(self, prompt: list[int]) -> Hit | None:
+        return self.prefixes.lookup(prompt) if self.prefixes is not None else None
+
     def prefill(self, prompts: list[list[int]]) -> Prefill:
-        step = self._step(0, prompts)
-        return Prefill(self._pass(step, prompts, [], [], None), step, None)
+        parts = [PromptPart(prompt, self.cached_start(prompt)) for prompt in prompts]
+        step = self._step(0, parts)
+        return Prefill(self._pass(step, parts, [], [], None), step, None)
 
     def join_prefilled(self, prefill: Prefill, rows: list[int]) -> None:
         for index in rows:
@@ -132,29 +180,38 @@ class LlamaRunner(ModelRunner):
 
     def decode(self, tokens: list[int], positions: list[int],
                prompts: list[list[int]]) -> tuple[torch.Tensor, PackedStep]:
-        step = self._step(len(tokens), prompts)
-        return self._pass(step, prompts, tokens, positions, self.kv.grow()), step
+        return self.decode_parts(tokens, positions,
+                                 [PromptPart(prompt, self.cached_start(prompt)) for prompt in prompts])
+
+    def decode_parts(self, tokens: list[int], positions: list[int],
+                     parts: list[PromptPart]) -> tuple[torch.Tensor, PackedStep]:
+        step = self._step(len(tokens), parts)
+        return self._pass(step, parts, tokens, positions, self.kv.grow() if tokens else None), step
+
+    def started(self, packed: PackedStep, index: int, part: PromptPart) -> Hit:
+        keys, values = packed.prompt_cache(index)
+        if index not in packed.context:  # views of the step's tensors: copies of its own
+            keys, values = [k.clone() for k in keys], [v.clone() for v in values]
+        return Hit(part.end, keys, values)
 
     def remember(self, row: int, tokens: list[int]) -> None:
         if self.prefixes is not None:
             self.prefixes.keep(tokens, *self.kv.row_cache(row, len(tokens)), copy=True)
 
-    def _step(self, rows: int, prompts: list[list[int]]) -> PackedStep:
-        """A packed step for the rows and these prompts, each cut after its cached start."""
-        if self.prefixes is None or not prompts:
-            return PackedStep(rows, prompts)
-        hits = [self.prefixes.lookup(prompt) for prompt in prompts]
-        return PackedStep(rows, [p[h.tokens:] if h else p for p, h in zip(prompts, hits)],
-                          [h.tokens if h else 0 for h in hits],
-                          {index: hit for index, hit in enumerate(hits) if hit})
+    def _step(self, rows: int, parts: list[PromptPart]) -> PackedStep:
+        """A packed step for the rows and these prompts' parts, each after its start."""
+        return PackedStep(rows, [part.ids[part.done:part.end] for part in parts],
+                          [part.done for part in parts],
+                          {index: part.start for index, part in enumerate(parts) if part.start})
 
-    def _pass(self, step: PackedStep, prompts: list[list[int]], tokens: list[int],
+    def _pass(self, step: PackedStep, parts: list[PromptPart], tokens: list[int],
               positions: list[int], row_mask: torch.Tensor | None) -> torch.Tensor:
         inputs = step.inputs(tokens, positions, self.device)
         logits = self.forward(inputs["input_ids"][0], inputs["position_ids"][0],
                               inputs["logits_to_keep"], step, self.kv, row_mask)
         if self.prefixes is not None:
-            for index, prompt in enumerate(prompts):  # a cached start's prompt owns its tensors
-                self.prefixes.keep(prompt, *step.prompt_cache(index),
-                                   copy=index not in step.context)
+            for index, part in enumerate(parts):  # a cached start's prompt owns its tensors
+                if part.final:
+                    self.prefixes.keep(part.ids, *step.prompt_cache(index),
+                                       copy=part.start is None)
         return logits
