@@ -83,16 +83,23 @@ def run_pairs(urls: dict[str, str], clients: int, args: argparse.Namespace,
             "throughput": median(pairs), "ttft": median(ttft), "pairs": pairs}
 
 
-def format_table(rows: list[dict]) -> str:
-    head = ("| C | Dawet (vllm backend) tok/s | TTFT p50 ms | TTFT p99 ms | vLLM server tok/s "
-            "| TTFT p50 ms | TTFT p99 ms | tok/s Dawet / vLLM | TTFT p50 Dawet / vLLM |")
+TITLES = {"dawet": ("Dawet (vllm backend)", "Dawet"), "vllm": ("vLLM server", "vLLM")}
+
+
+def format_table(rows: list[dict], titles: dict[str, tuple[str, str]] = TITLES) -> str:
+    """run_pairs' rows as a table; `titles`: each side's (column title, name in the ratios),
+    in run_pairs' order."""
+    (first, (first_column, first_name)), (second, (second_column, second_name)) = titles.items()
+    head = (f"| C | {first_column} tok/s | TTFT p50 ms | TTFT p99 ms | {second_column} tok/s "
+            f"| TTFT p50 ms | TTFT p99 ms | tok/s {first_name} / {second_name} "
+            f"| TTFT p50 {first_name} / {second_name} |")
     lines = table_head(head)
     for row in rows:
-        dawet, vllm = row["dawet"], row["vllm"]
-        lines.append(f"| {row['clients']} | {dawet.tokens_per_second:.0f} "
-                     f"| {dawet.ttft_ms(0.5):.0f} | {dawet.ttft_ms(0.99):.0f} "
-                     f"| {vllm.tokens_per_second:.0f} | {vllm.ttft_ms(0.5):.0f} "
-                     f"| {vllm.ttft_ms(0.99):.0f} | {row['throughput']:.2f}x | {row['ttft']:.2f}x |")
+        one, other = row[first], row[second]
+        lines.append(f"| {row['clients']} | {one.tokens_per_second:.0f} "
+                     f"| {one.ttft_ms(0.5):.0f} | {one.ttft_ms(0.99):.0f} "
+                     f"| {other.tokens_per_second:.0f} | {other.ttft_ms(0.5):.0f} "
+                     f"| {other.ttft_ms(0.99):.0f} | {row['throughput']:.2f}x | {row['ttft']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -27,14 +27,14 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from bench.backends import MODEL_DIR, NAME, run_pairs
-from bench.pipeline import table_head
+from bench.backends import MODEL_DIR, NAME, format_table, run_pairs
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 
 logger = logging.getLogger("bench.engine_forward")
 
 SIDES = {"new": ("auto", "auto"), "old": ("transformers", "float32")}  # forward, dtype
+TITLES = {"new": ("new", "new"), "old": ("old", "old")}
 
 
 def registry_file(model_dir: Path, dtype: str, folder: Path) -> Path:
@@ -101,19 +101,6 @@ def served_dtype(dtype: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def format_table(rows: list[dict]) -> str:
-    head = ("| C | new tok/s | TTFT p50 ms | TTFT p99 ms | old tok/s | TTFT p50 ms | TTFT p99 ms "
-            "| tok/s new / old | TTFT p50 new / old |")
-    lines = table_head(head)
-    for row in rows:
-        new, old = row["new"], row["old"]
-        lines.append(f"| {row['clients']} | {new.tokens_per_second:.0f} | {new.ttft_ms(0.5):.0f} "
-                     f"| {new.ttft_ms(0.99):.0f} | {old.tokens_per_second:.0f} "
-                     f"| {old.ttft_ms(0.5):.0f} | {old.ttft_ms(0.99):.0f} "
-                     f"| {row['throughput']:.2f}x | {row['ttft']:.2f}x |")
-    return "\n".join(lines)
-
-
 def bandwidth_lines(rows: list[dict], model_dir: Path, bandwidth: float) -> list[str]:
     """At C = 1, each side's tokens/s against the bound its weights' bytes set."""
     lines = [f"host read bandwidth: {bandwidth:.1f} GB/s"]
@@ -161,6 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                     " ".join(f"{r:.3f}" for r in row["pairs"]))
     sys.stdout.write(f"\n{args.model_dir.name}: {args.tokens} tokens per request, "
                      f"{args.requests} requests per client; median of {args.repeats} runs and "
-                     f"of their paired ratios (logs: {folder})\n\n{format_table(rows)}\n\n"
+                     f"of their paired ratios (logs: {folder})\n\n{format_table(rows, TITLES)}\n\n"
                      + "\n".join(bandwidth_lines(rows, args.model_dir, bandwidth)) + "\n")
     return 0
