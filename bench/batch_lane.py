@@ -30,8 +30,9 @@ import time
 from openai import OpenAI
 
 from bench.keyspace import ApiClient, running_stack, setup_bench_process
-from bench.pipeline import Result, median_run, table_head
-from bench.responsive import chat_ttft, short_chat, short_requests
+from bench.pipeline import Result
+from bench.responsive import (chat_ttft, parsed_phases, phase_arguments, short_chat,
+                              short_requests, ttft_table)
 from dawet.settings import Settings
 
 logger = logging.getLogger("bench.batch_lane")
@@ -73,14 +74,7 @@ def with_batch(client: ApiClient, sdk: OpenAI, file_id: str,
 
 def format_table(quiet: list[Result], busy: list[Result], rates: list[float]) -> str:
     """A Markdown table: TTFT alone (A) and beside a batch (B), the ratios, the batch's rate."""
-    alone, beside = median_run(quiet), median_run(busy)
-    p50, p99 = (beside.ttft_ms(q) / alone.ttft_ms(q) for q in (0.5, 0.99))
-    lines = table_head("| short requests A + B | TTFT A p50 ms | TTFT A p99 ms | TTFT B p50 ms "
-                       "| TTFT B p99 ms | B / A p50 | B / A p99 | batch lines/s in B |")
-    lines.append(f"| {len(alone.ttfts)} + {len(beside.ttfts)} | {alone.ttft_ms(0.5):.0f} "
-                 f"| {alone.ttft_ms(0.99):.0f} | {beside.ttft_ms(0.5):.0f} "
-                 f"| {beside.ttft_ms(0.99):.0f} | {p50:.2f}x | {p99:.2f}x "
-                 f"| {sum(rates) / len(rates):.1f} |")
+    lines, p50 = ttft_table(quiet, busy, "batch lines/s in B", f"{sum(rates) / len(rates):.1f}", 2)
     verdict = "met" if p50 <= TARGET_RATIO else "NOT met"
     lines.append(f"\nTTFT p50 B / A = {p50:.2f}x: target <= {TARGET_RATIO}x {verdict}")
     return "\n".join(lines)
@@ -90,23 +84,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench --batch-lane", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-lane", action="store_true", help="(what selects this bench)")
-    parser.add_argument("--short-clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=10,
-                        help="short requests per client per phase, at least")
-    parser.add_argument("--seconds", type=float, default=10, help="length of a phase, at least")
-    parser.add_argument("--tokens", type=int, default=16, help="tokens per short request")
+    phase_arguments(parser, tokens=16)
     parser.add_argument("--batch-lines", type=int, default=3000)
     parser.add_argument("--batch-tokens", type=int, default=64)
     parser.add_argument("--in-flight", type=int,
                         default=Settings.model_fields["batch_max_in_flight"].default,
                         help="DAWET_BATCH_MAX_IN_FLIGHT for the stack")
-    parser.add_argument("--repeats", type=int, default=3, help="A and B phases, alternated")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: phases of 5 requests per client and 5 s, one A and one B")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.seconds, args.repeats = 5, 5, 1
-    return args
+    return parsed_phases(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,41 +165,58 @@ def warm_up(client: ApiClient, bodies: list[tuple[str, bytes]], args: argparse.N
         client.call("POST", path, body, expect=None)
 
 
+def ttft_table(quiet: list[Result], busy: list[Result], more_heads: str, more_cells: str,
+               digits: int) -> tuple[list[str], float]:
+    """An A/B bench's Markdown table (short requests' TTFT alone, A, and beside the load, B,
+    and the ratios to `digits` decimals) with more columns; and the p50 ratio."""
+    alone, beside = median_run(quiet), median_run(busy)
+    p50, p99 = (beside.ttft_ms(q) / alone.ttft_ms(q) for q in (0.5, 0.99))
+    lines = table_head("| short requests A + B | TTFT A p50 ms | TTFT A p99 ms | TTFT B p50 ms "
+                       f"| TTFT B p99 ms | B / A p50 | B / A p99 | {more_heads} |")
+    lines.append(f"| {len(alone.ttfts)} + {len(beside.ttfts)} | {alone.ttft_ms(0.5):.0f} "
+                 f"| {alone.ttft_ms(0.99):.0f} | {beside.ttft_ms(0.5):.0f} "
+                 f"| {beside.ttft_ms(0.99):.0f} | {p50:.{digits}f}x | {p99:.{digits}f}x "
+                 f"| {more_cells} |")
+    return lines, p50
+
+
 def format_table(quiet: list[Result], busy: list[Result], big: list[BigLoad]) -> str:
     """A Markdown table: short requests' TTFT alone (A) and beside big requests (B), ratios,
     and how fast the big requests were answered."""
-    alone, beside = median_run(quiet), median_run(busy)
     answers = sum((load.answers for load in big), Counter())
     per_second = sum(answers.values()) / sum(load.seconds for load in big)
-    lines = table_head("| short requests A + B | TTFT A p50 ms | TTFT A p99 ms | TTFT B p50 ms "
-                       "| TTFT B p99 ms | B / A p50 | B / A p99 | big requests/s in B "
-                       "| big answers |")
-    p50, p99 = (beside.ttft_ms(q) / alone.ttft_ms(q) for q in (0.5, 0.99))
     statuses = ", ".join(f"{count} x {answer}" for answer, count in answers.most_common())
-    lines.append(f"| {len(alone.ttfts)} + {len(beside.ttfts)} | {alone.ttft_ms(0.5):.0f} "
-                 f"| {alone.ttft_ms(0.99):.0f} | {beside.ttft_ms(0.5):.0f} "
-                 f"| {beside.ttft_ms(0.99):.0f} | {p50:.1f}x | {p99:.1f}x | {per_second:.1f} "
-                 f"| {statuses} |")
+    lines, _ = ttft_table(quiet, busy, "big requests/s in B | big answers",
+                          f"{per_second:.1f} | {statuses}", 1)
     return "\n".join(lines)
+
+
+def phase_arguments(parser: argparse.ArgumentParser, tokens: int) -> None:
+    """An A/B bench's arguments: its short requests, its phases and a smoke run."""
+    parser.add_argument("--short-clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="short requests per client per phase, at least")
+    parser.add_argument("--seconds", type=float, default=10, help="length of a phase, at least")
+    parser.add_argument("--tokens", type=int, default=tokens, help="tokens per short request")
+    parser.add_argument("--repeats", type=int, default=3, help="A and B phases, alternated")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: phases of 5 requests per client and 5 s, one A and one B")
+
+
+def parsed_phases(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.repeats = 5, 5, 1
+    return args
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench --responsive", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--responsive", action="store_true", help="(what selects this bench)")
-    parser.add_argument("--short-clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=10,
-                        help="short requests per client per phase, at least")
-    parser.add_argument("--seconds", type=float, default=10, help="length of a phase, at least")
-    parser.add_argument("--tokens", type=int, default=4, help="tokens per short request")
+    phase_arguments(parser, tokens=4)
     parser.add_argument("--big-clients", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="A and B phases, alternated")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: phases of 5 requests per client and 5 s, one A and one B")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.seconds, args.repeats = 5, 5, 1
-    return args
+    return parsed_phases(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
