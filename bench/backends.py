@@ -103,25 +103,34 @@ def format_table(rows: list[dict], titles: dict[str, tuple[str, str]] = TITLES) 
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench --backend vllm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=["vllm"], default="vllm")
+def pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """A paired bench's arguments: the checkpoint, the clients, the runs and a smoke run."""
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--requests", type=int, default=4, help="requests per client in a run")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smoke run: C = 4, 16 tokens, 1 repeat")
+
+
+def parsed_pairs(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.tokens, args.repeats, args.requests = [4], 16, 1, 1
+    return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench --backend vllm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=["vllm"], default="vllm")
+    pair_arguments(parser)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="OMP threads of each engine")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--kv-cache-tokens", type=int, default=65_536,
                         help="Dawet's KV budget; vLLM's server gets the same GiB")
-    parser.add_argument("--quick", action="store_true", help="smoke run: C = 4, 16 tokens, 1 repeat")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.clients, args.tokens, args.repeats, args.requests = [4], 16, 1, 1
-    return args
+    return parsed_pairs(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from bench.backends import MODEL_DIR, NAME, format_table, run_pairs
+from bench.backends import (NAME, format_table, pair_arguments, parsed_pairs,
+                            run_pairs)
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 
@@ -118,17 +119,9 @@ def bandwidth_lines(rows: list[dict], model_dir: Path, bandwidth: float) -> list
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench --engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", action="store_true")
-    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 16])
-    parser.add_argument("--requests", type=int, default=4, help="requests per client in a run")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per request")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="smoke run: C = 4, 16 tokens, 1 repeat")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.clients, args.tokens, args.repeats, args.requests = [4], 16, 1, 1
-    return args
+    parser.add_argument("--engine", action="store_true", help="(what selects this bench)")
+    pair_arguments(parser)
+    return parsed_pairs(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
