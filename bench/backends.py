@@ -79,6 +79,7 @@ def run_pairs(urls: dict[str, str], clients: int, args: argparse.Namespace,
     measured, other = (runs[side] for side in sides)
     ttft = [m.ttft_ms(0.5) / o.ttft_ms(0.5) for m, o in zip(measured, other)]
     pairs = paired_ratios(measured, other)
+    logger.info("C=%d paired tok/s ratios: %s", clients, " ".join(f"{r:.3f}" for r in pairs))
     return {"clients": clients, **{side: median_run(runs[side]) for side in sides},
             "throughput": median(pairs), "ttft": median(ttft), "pairs": pairs}
 
@@ -147,9 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                      log_path=folder / "vllm.log") as vllm_url, \
             dawet_stack(args, folder) as dawet_url:
         rows = [run_pairs({"dawet": dawet_url, "vllm": vllm_url}, c, args) for c in args.clients]
-    for row in rows:
-        logger.info("C=%d paired tok/s ratios: %s", row["clients"],
-                    " ".join(f"{r:.3f}" for r in row["pairs"]))
     sys.stdout.write(f"\n{args.model_dir.name}: {args.tokens} tokens per request, "
                      f"{args.requests} requests per client, {args.threads} OMP threads each, "
                      f"unbound; median of {args.repeats} runs and of their paired ratios "

@@ -136,9 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         urls = {side: stacks.enter_context(stack(args.model_dir, forward, dtype, folder))
                 for side, (forward, dtype) in SIDES.items()}
         rows = [run_pairs(urls, clients, args) for clients in args.clients]
-    for row in rows:
-        logger.info("C=%d paired tok/s ratios: %s", row["clients"],
-                    " ".join(f"{r:.3f}" for r in row["pairs"]))
     sys.stdout.write(f"\n{args.model_dir.name}: {args.tokens} tokens per request, "
                      f"{args.requests} requests per client; median of {args.repeats} runs and "
                      f"of their paired ratios (logs: {folder})\n\n{format_table(rows, TITLES)}\n\n"
