@@ -3,6 +3,7 @@ model, that a prompt whose start is cached yields exactly the greedy reply it yi
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import DEMO_MODEL, MODELS_FILE
 from model_store.loader import LoadedModel, load_model
 from model_store.registry import load_registry
 from tasks.engine.batching.engine import BatchingEngine
+from tasks.engine.batching.model_runner import LlamaRunner
 from tasks.engine.batching.prefix_cache import BLOCK, PrefixCache
 from tasks.engine.interface import iterate
 from tasks.jobs.contract import SamplingParams
@@ -116,3 +118,29 @@ def test_prompts_sharing_a_start_join_a_running_batch_with_it_cached(loaded):
         assert hits >= (len(prompts) - 1) * (len(shared) // BLOCK * BLOCK)
     finally:
         cached.close()
+
+
+def test_a_reply_that_ended_with_eos_is_kept_aligned_with_its_tokens(loaded):
+    """A JSON reply ends when its grammar allows only EOS, so its last token's keys are cached
+    too: the kept keys must be exactly its tokens', as a fresh prefill computes them."""
+    history = _history(loaded)
+    history = history[:len(history) // BLOCK * BLOCK - 1]  # its reply's first token ends a block
+    schema = '{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}'
+    structured = GREEDY.model_copy(update={"json_schema": schema, "min_new_tokens": 0,
+                                           "max_new_tokens": 40})
+    cached = _engine(loaded, 4096)
+    try:
+        steps = list(iterate(cached, history, structured))
+        assert steps[-1].finish.value == "stop" and steps[-1].token_id is None  # by EOS
+        sequence = history + [step.token_id for step in steps if step.token_id is not None]
+        deadline = time.monotonic() + 10
+        while cached.running and time.monotonic() < deadline:  # the loop keeps it as it evicts
+            time.sleep(0.01)
+        hit = cached._runner.prefixes.lookup(sequence + [0])
+    finally:
+        cached.close()
+    assert hit.tokens == len(sequence) // BLOCK * BLOCK > len(history)  # the row's, kept
+    with torch.inference_mode():
+        fresh = LlamaRunner(loaded).prefill([sequence]).cache.prompt_cache(0)[0]
+    for kept, computed in zip(hit.keys, fresh):
+        assert torch.allclose(kept, computed[:, :, :hit.tokens], atol=1e-4)

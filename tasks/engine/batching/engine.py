@@ -46,7 +46,7 @@ class _Sequence:
         self.request, self._eos_ids = request, eos_ids
         self.sampler = Sampler(request.params, request.prompt_ids, eos_ids, device,
                                request.constraint)
-        self.tokens = list(request.prompt_ids)  # so far; the last one is not yet in the cache
+        self.tokens = list(request.prompt_ids)  # and the reply so far (an EOS is not one)
         self.length = len(self.tokens)
         self.last_token = self.tokens[-1]
 
@@ -323,7 +323,7 @@ class BatchingEngine:
         for index in rows:
             if final is not None:
                 self._rows[index].request.deliver(final)
-            self._runner.remember(index, self._rows[index].tokens[:-1])
+            self._runner.remember(index, self._rows[index].tokens)
         gone = set(rows)
         order = self._runner.keep([i for i in range(len(self._rows)) if i not in gone])
         self._rows = [self._rows[i] for i in order]

@@ -104,10 +104,10 @@ class KVBatch:
         self._values[layer][:self.rows, :, column] = values
         return self._keys[layer][:self.rows, :, window], self._values[layer][:self.rows, :, window]
 
-    def row_cache(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """A row's last `length` cached keys and values, (1, heads, length, dim) per layer: its
-        tokens, as it was left-padded to the window."""
-        span = slice(self.end - length, self.end)
+    def row_cache(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A row's cached keys and values, (1, heads, its tokens, dim) per layer: the window's
+        last columns, as many as the row attends to (it is left-padded to the window)."""
+        span = slice(self.end - int(self._mask[row, self.start:self.end].sum()), self.end)
         return ([keys[row:row + 1, :, span] for keys in self._keys],
                 [values[row:row + 1, :, span] for values in self._values])
 

@@ -131,8 +131,9 @@ class ModelRunner:
         self.kv.add_rows(*packed.prompt_cache(index))
 
     def remember(self, row: int, tokens: list[int]) -> None:
-        """A row about to leave the batch, whose cache holds `tokens`: a runner with a prefix
-        cache keeps them for later prompts that start the same way."""
+        """A row about to leave the batch, whose cache holds the first of `tokens` (all but a
+        last sampled one): a runner with a prefix cache keeps them for later prompts that start
+        the same way."""
 
     def advance(self) -> None:
         """The decode step's column is written: every row is one longer."""
@@ -196,7 +197,8 @@ class LlamaRunner(ModelRunner):
 
     def remember(self, row: int, tokens: list[int]) -> None:
         if self.prefixes is not None:
-            self.prefixes.keep(tokens, *self.kv.row_cache(row, len(tokens)), copy=True)
+            keys, values = self.kv.row_cache(row)
+            self.prefixes.keep(tokens[:keys[0].shape[2]], keys, values, copy=True)
 
     def _step(self, rows: int, parts: list[PromptPart]) -> PackedStep:
         """A packed step for the rows and these prompts' parts, each after its start."""
