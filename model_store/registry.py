@@ -4,6 +4,7 @@ from __future__ import annotations
 import tomllib
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -49,6 +50,8 @@ class ModelSpec(BaseModel):
     context_length: int = Field(2048, ge=16)
     max_new_tokens_limit: int = Field(1024, ge=1)
     system_prompt: str | None = None
+    # How replies write tool calls (api/tool_calls.py); None: read from the chat template.
+    tool_parser: Literal["hermes", "llama3_json"] | None = None
     defaults: GenerationDefaults = GenerationDefaults()
 
     @model_validator(mode="after")

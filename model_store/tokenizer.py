@@ -10,6 +10,7 @@ import json
 from datetime import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -25,9 +26,20 @@ def _raise_exception(message: str) -> None:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant message made (or a reply makes): `arguments` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
     role: str
-    content: str
+    content: str | None  # None: an assistant message that only calls tools
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # on a `tool` message: the call it answers
 
 
 class ChatTokenizer:
@@ -40,23 +52,26 @@ class ChatTokenizer:
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_token_ids = self._eos_ids(model_dir)
-        self._template = _compile_template(_chat_template(model_dir, config))
+        self.chat_template = _chat_template(model_dir, config)
+        self._template = _compile_template(self.chat_template)
 
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def render(self, messages: list[Message], system_prompt: str | None = None) -> str:
-        """Apply the chat template, adding the system prompt unless one is given."""
-        turns = [{"role": m.role, "content": m.content} for m in messages]
+    def render(self, messages: list[Message], system_prompt: str | None = None,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """Apply the chat template, adding the system prompt unless one is given. `tools`:
+        OpenAI's tool objects, which the template receives as transformers passes them."""
+        turns = [_turn(m) for m in messages]
         if system_prompt and not any(t["role"] == "system" for t in turns):
             turns.insert(0, {"role": "system", "content": system_prompt})
         try:
             return self._template.render(
-                messages=turns, add_generation_prompt=True,
+                messages=turns, tools=tools or None, add_generation_prompt=True,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "",
             )
-        except TemplateError as exc:
+        except (TemplateError, TypeError) as exc:  # TypeError: e.g. a null content added up
             raise ChatTemplateError(str(exc)) from exc
 
     def encode(self, text: str) -> list[int]:
@@ -89,6 +104,27 @@ class ChatTokenizer:
         return frozenset(i for i in ids if i is not None)
 
 
+def _turn(message: Message) -> dict[str, Any]:
+    """A message as templates read it; tool fields only where set, so that templates without
+    tool support render what they always did. Call arguments are objects, not JSON text, as
+    transformers and vLLM hand them to templates (which write them with `tojson`)."""
+    turn: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        turn["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+            "name": call.name, "arguments": json.loads(call.arguments)}}
+            for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' `tojson`: plain JSON, where Jinja's own escapes HTML characters."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -112,6 +148,7 @@ def _compile_template(source: str):
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
     )
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # Llama 3.x uses it
     return env.from_string(source)

@@ -31,7 +31,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "dawet-demo-1"
+BUILDER_VERSION = "dawet-demo-2"  # 2: the chat template renders tools
 SEED = 1234
 NUM_THREADS = 2
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -56,14 +56,46 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START]
 VOCAB_SIZE = 2048
 MAX_POSITIONS = 2048
 # ChatML with BOS, EOS and IM_START spelled out: plain Jinja only (no transformers globals such
-# as bos_token), so the service can render it with jinja2 directly.
-CHAT_TEMPLATE = (
-    "{{ '<|begin_of_text|>' }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# as bos_token), so the service can render it with jinja2 directly. Tools follow Hermes (as
+# Qwen2.5 writes them): their signatures in the system turn, an assistant's calls in
+# <tool_call> tags, each tool result in a user turn's <tool_response>. Without tools or tool
+# messages it renders what it always did (the model was trained on that; it never saw tools).
+CHAT_TEMPLATE = r"""{{- '<|begin_of_text|>' }}
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] + '\n\n' }}
+    {%- endif %}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' + (tool | tojson) }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and ' }}
+    {{- 'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n' }}
+    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message['role'] == 'tool' %}
+        {{- '<|im_start|>user\n<tool_response>\n' + message['content'] }}
+        {{- '\n</tool_response><|im_end|>\n' }}
+    {%- elif message['role'] == 'assistant' and message['tool_calls'] %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message['content'] %}
+            {{- '\n' + message['content'] }}
+        {%- endif %}
+        {%- for call in message['tool_calls'] %}
+            {{- '\n<tool_call>\n{"name": ' + (call['function']['name'] | tojson) }}
+            {{- ', "arguments": ' + (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif not (tools and loop.first and message['role'] == 'system') %}
+        {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}"""
 
 TINY_SHAPE = {
     "hidden_size": 128,
