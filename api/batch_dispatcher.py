@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from api.errors import APIError, from_validation_error, invalid
 from api.keys import Principal
 from api.offload import off_loop
-from api.openai import ChatShape, Reply, TextShape, token_logprobs
+from api.openai import ChatShape, Reply, TextShape, token_logprobs, tool_plan, with_tools
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.services import Services
 from model_store.registry import ModelSpec
@@ -153,7 +153,7 @@ class BatchRun:
             body = self.schema.model_validate_json(json.dumps(line.body))
             if body.stream:
                 raise invalid("a batch request cannot stream; leave stream out", param="stream")
-            return self.svc.prepare(self.who, body)
+            return self.svc.prepare(self.who, with_tools(self.svc, body)[0])
         except (APIError, ValidationError) as exc:
             error = exc.body if isinstance(exc, APIError) else from_validation_error(exc).body
             self.store.settle(self.hold, index, error_line(line_job_id(self.id, index),
@@ -223,17 +223,19 @@ class BatchRun:
         elif last["finish_reason"] == FinishReason.CANCELLED.value:
             line, ok = error_line(job_id, custom_id, *CANCELLED_JOB), False
         else:
-            line, ok = output_line(job_id, custom_id, self._response(job_id, events)), True
+            line, ok = output_line(job_id, custom_id, self._response(index, job_id, events)), True
         self.store.settle(self.hold, index, line, ok, model=model)
 
-    def _response(self, job_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
-        """The completion object the endpoint would have answered with."""
+    def _response(self, index: int, job_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """The completion object the endpoint would have answered with (its tool calls read
+        as the line's tools say)."""
         view = JobView(job_id)  # the one fold of events (a restarted job's reply goes on)
         for event in events:
             view.apply(event)
         tokens = [event for event in events if event["type"] == "token"]
-        return Reply(self.shape, self.svc.store.load(job_id)).whole(view.text, events[-1],
-                                                                    token_logprobs(tokens))
+        body = self.schema.model_validate_json(json.dumps(self.lines[index].body))
+        reply = Reply(self.shape, self.svc.store.load(job_id), tools=tool_plan(self.svc, body))
+        return reply.whole(view.text, events[-1], token_logprobs(tokens))
 
     def _close(self, record: BatchRecord, target: BatchStatus) -> None:
         """End the batch early (expired or cancelled): lines that finished keep their results,

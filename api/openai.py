@@ -1,7 +1,8 @@
 """The OpenAI-compatible API: chat and text completions (JSON or SSE) and the model list.
 
 Every completion runs as a job through Services.submit_generation, like POST /v1/generate;
-its id travels in the X-Dawet-Job-Id header.
+its id travels in the X-Dawet-Job-Id header. A chat completion with tools has its reply read
+for tool calls (api/tool_calls.py).
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from api.auth import principal, require_api_key
-from api.errors import APIError
+from api.errors import APIError, invalid
 from api.metrics import count_admission, counted_stream
-from api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from api.schemas import (ChatCompletionRequest, CompletionRequest, GenerationRequest,
+                         OpenAIRequest, PromptInput)
 from api.services import Services, services
+from api.tool_calls import ToolPlan, parser_for
 from model_store.registry import ModelSpec
-from tasks.jobs.contract import ErrorBody, Job, JobView
+from model_store.tokenizer import ToolCall
+from tasks.jobs.contract import ErrorBody, Job, JobView, SamplingParams
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -72,6 +76,18 @@ class ChatShape:
     def closing(cls, finish: str) -> dict[str, Any]:
         return cls.delta({}, finish)
 
+    @staticmethod
+    def tool_call(call: ToolCall) -> dict[str, Any]:
+        return {"id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
+
+    @classmethod
+    def tool_call_piece(cls, index: int, call: ToolCall,
+                        logprobs: dict | None = None) -> dict[str, Any]:
+        """One whole call as a stream delta."""
+        return cls.delta({"tool_calls": [{"index": index, **cls.tool_call(call)}]}, None,
+                         logprobs)
+
 
 class TextShape:
     """Text completion objects: the same choice shape whole or streamed."""
@@ -115,13 +131,17 @@ class Reply:
     shape: type[ChatShape] | type[TextShape]
     job: Job
     include_usage: bool = False
+    tools: ToolPlan | None = None  # how a chat reply is read for tool calls; None: it is not
 
     def whole(self, text: str, done: dict[str, Any],
               logprobs: Logprobs | None = None) -> dict[str, Any]:
         """The completion object; `logprobs`: the job's entries (token_logprobs(events)), when
         it asked for them."""
-        choice = self.shape.choice(text, FINISH_REASONS[done["finish_reason"]],
-                                   self.logprobs(logprobs, 0))
+        content, calls = self.tools.parse(text) if self.tools else (text, [])
+        finish = "tool_calls" if calls else FINISH_REASONS[done["finish_reason"]]
+        choice = self.shape.choice(content, finish, self.logprobs(logprobs, 0))
+        if calls:
+            choice["message"]["tool_calls"] = [ChatShape.tool_call(call) for call in calls]
         return self._object(self.shape.object, [choice], usage=done["usage"])
 
     def logprobs(self, entries: Logprobs | None, offset: int) -> dict[str, Any] | None:
@@ -179,11 +199,53 @@ def _model_card(svc: Services, spec: ModelSpec) -> dict[str, Any]:
             "ready": svc.workers.serves(spec.name), "context_length": spec.context_length}
 
 
+@dataclass(frozen=True)
+class ToolCallRequest:
+    """A chat completion whose reply is read for tool calls, as Services.submit_generation
+    takes it: a call that tool_choice forces is held to its schema."""
+
+    body: ChatCompletionRequest
+    plan: ToolPlan
+
+    @property
+    def model(self) -> str:
+        return self.body.model
+
+    def sampling_params(self, spec: ModelSpec) -> SamplingParams:
+        schema = self.plan.json_schema()
+        return self.body.sampling_params(spec, (schema, "tool_choice") if schema else None)
+
+    def prompt_input(self) -> PromptInput:
+        return self.body.prompt_input()
+
+
+def tool_plan(svc: Services, body: OpenAIRequest) -> ToolPlan | None:
+    """How the reply is read for tool calls, in the model's format; None when it is not (no
+    tools, or tool_choice "none")."""
+    if not isinstance(body, ChatCompletionRequest) or not body.reads_tool_calls:
+        return None
+    spec = svc.model(body.model)
+    parser = parser_for(spec.tool_parser, svc.tokenizer(spec).chat_template)
+    if parser is None:
+        raise invalid(f"the chat template of model {spec.name} shows no tool-call format; "
+                      "set tool_parser in its registry entry", param="tools")
+    forced = tuple((function.name, function.parameters)
+                   for function in body.forced_functions())
+    return ToolPlan(parser, forced, parallel=body.parallel_tool_calls is not False)
+
+
+def with_tools(svc: Services, body: OpenAIRequest) -> tuple[GenerationRequest, ToolPlan | None]:
+    """The request to submit for `body`, and how its reply is read for tool calls."""
+    plan = tool_plan(svc, body)
+    return (ToolCallRequest(body, plan) if plan else body), plan
+
+
 def _complete(body: OpenAIRequest, shape: type[ChatShape] | type[TextShape]):
     """Submit the job; answer with its whole completion, or stream it."""
     svc = services()
-    job = svc.submit_generation(principal(), body, require_worker=True)
-    reply = Reply(shape, job, body.include_usage)
+    request, plan = with_tools(svc, body)
+    job = svc.submit_generation(principal(), request, require_worker=True)
+    reply = Reply(shape, job, body.include_usage, plan)
     if body.stream:
         headers = {JOB_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         frames = counted_stream(_sse(svc, reply), "sse")
@@ -248,17 +310,67 @@ def cancel_if_abandoned(svc: Services, job_id: str, frames: Iterator[str]) -> It
 def _chunks(svc: Services, reply: Reply) -> Iterator[dict[str, Any] | str]:
     """The stream's payloads: opening, text pieces, closing, usage; an error ends it early."""
     yield from map(reply.chunk, reply.shape.opening())
-    spelled = 0  # the characters the tokens reported so far spell: where the next one starts
+    stream = ToolCallStream(reply) if reply.tools else TextStream(reply)
     for event in svc.events(reply.job.id):
         if event["type"] == "token":
-            entries = event.get("logprobs", [])
-            yield reply.chunk(reply.shape.piece(event["text"], reply.logprobs(entries, spelled)))
-            spelled += sum(len(entry["token"]) for entry in entries)
+            yield from map(reply.chunk, stream.token(event))
         elif event["type"] == "error":
             yield {"error": event["error"]}
             return
         elif event["type"] == "done":
-            yield reply.chunk(reply.shape.closing(FINISH_REASONS[event["finish_reason"]]))
+            yield from map(reply.chunk, stream.end(event))
             if reply.include_usage:
                 yield reply.usage_chunk(event)
     yield "[DONE]"
+
+
+class TextStream:
+    """A reply's choices as they stream: a piece per token, then the closing one."""
+
+    def __init__(self, reply: Reply):
+        self.reply = reply
+        self.spelled = 0  # the characters the tokens reported so far spell: where the next starts
+
+    def token(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        entries = event.get("logprobs", [])
+        piece = self.reply.shape.piece(event["text"], self.reply.logprobs(entries, self.spelled))
+        self.spelled += sum(len(entry["token"]) for entry in entries)
+        return [piece]
+
+    def end(self, done: dict[str, Any]) -> list[dict[str, Any]]:
+        return [self.reply.shape.closing(FINISH_REASONS[done["finish_reason"]])]
+
+
+class ToolCallStream:
+    """A chat reply that may call tools, as it streams: its text goes out as content up to
+    where a call could begin; the rest is held and read once the reply ends, then sent as
+    tool_calls deltas (each call whole, in one delta, as vLLM sends the calls of parsers that
+    do not stream), or as content if it holds no call. The logprobs of held tokens go with the
+    next chunk sent."""
+
+    def __init__(self, reply: Reply):
+        self.reply, self.plan = reply, reply.tools
+        self.text, self.sent = "", 0
+        self.entries: Logprobs = []  # logprobs not sent yet
+
+    def token(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        self.text += event["text"]
+        self.entries += event.get("logprobs", [])
+        ready = self.plan.holdback(self.text)
+        if ready <= self.sent:
+            return []
+        piece = ChatShape.piece(self.text[self.sent:ready], self._logprobs())
+        self.sent = ready
+        return [piece]
+
+    def end(self, done: dict[str, Any]) -> list[dict[str, Any]]:
+        content, calls = self.plan.parse(self.text[self.sent:])
+        pieces = [ChatShape.piece(content, self._logprobs())] if content else []
+        pieces += [ChatShape.tool_call_piece(index, call, self._logprobs())
+                   for index, call in enumerate(calls)]
+        finish = "tool_calls" if calls else FINISH_REASONS[done["finish_reason"]]
+        return pieces + [ChatShape.closing(finish)]
+
+    def _logprobs(self) -> dict[str, Any] | None:
+        entries, self.entries = self.entries, []
+        return self.reply.logprobs(entries, 0) if entries else None

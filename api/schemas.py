@@ -1,17 +1,19 @@
 """Request schemas: strict pydantic models, and their translation into engine parameters."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      StringConstraints, TypeAdapter, ValidationError, model_validator)
+                      StringConstraints, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from api.errors import APIError, from_validation_error, invalid
 from api.json_schema import check_enforceable, schema_text
 from model_store.registry import ModelSpec
-from model_store.tokenizer import Message
+from model_store.tokenizer import Message, ToolCall
 from tasks.jobs.contract import INVALID_SCHEMA, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
@@ -29,6 +31,7 @@ class PromptInput:
     text: str | None = None
     messages: tuple[Message, ...] = ()
     system_prompt: str | None = None  # None: the model's default system prompt
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI's tool objects, for the chat template
 
 
 class GenerationRequest(Protocol):
@@ -93,12 +96,12 @@ class ResponseFormat(StrictModel):
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
-def _json_minimum(requested: int | None) -> int:
+def _json_minimum(requested: int | None, param: str) -> int:
     """A JSON reply ends where its schema says: no default minimum of new tokens, and a
-    requested one is an error."""
+    requested one is an error (naming `param`, what asked for JSON)."""
     if requested:
-        raise invalid("a minimum number of new tokens cannot be combined with response_format: "
-                      "the schema decides where the reply ends", param="response_format")
+        raise invalid(f"a minimum number of new tokens cannot be combined with {param}: "
+                      "the schema decides where the reply ends", param=param)
     return 0
 
 
@@ -117,17 +120,21 @@ class SamplingFields(StrictModel):
     # Each token's log-probability, with this many alternatives, in the token events.
     logprobs: TopLogprobs | None = None
 
-    def sampling_params(self, spec: ModelSpec, max_param: str = "max_new_tokens") -> SamplingParams:
-        """Merge with the model's defaults and check against its limits."""
+    def sampling_params(self, spec: ModelSpec, max_param: str = "max_new_tokens",
+                        json_reply: tuple[str, str] | None = None) -> SamplingParams:
+        """Merge with the model's defaults and check against its limits. `json_reply`: a JSON
+        Schema's text and the param that asked for it, instead of response_format's."""
         defaults = spec.defaults
-        json_schema = self.response_format.json_schema() if self.response_format else None
+        json_schema, json_param = json_reply or (
+            self.response_format.json_schema() if self.response_format else None,
+            "response_format")
         max_new = self.max_new_tokens or defaults.max_new_tokens
         if max_new > spec.max_new_tokens_limit:
             raise invalid(f"{max_param} must be at most {spec.max_new_tokens_limit} for "
                           f"model {spec.name}", param=max_param)
         pick = lambda value, default: default if value is None else value  # noqa: E731
         min_new = (min(pick(self.min_new_tokens, defaults.min_new_tokens), max_new)
-                   if json_schema is None else _json_minimum(self.min_new_tokens))
+                   if json_schema is None else _json_minimum(self.min_new_tokens, json_param))
         return SamplingParams(
             max_new_tokens=max_new, min_new_tokens=min_new,
             temperature=pick(self.temperature, defaults.temperature),
@@ -240,9 +247,126 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+MAX_TOOLS = 128  # OpenAI's limit
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+def _json_object_text(value: str) -> str:
+    """A call's arguments: the JSON text of an object (templates are given the object)."""
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError("must be the JSON text of an object")
+    return value
+
+
+class CalledFunction(StrictModel):
+    name: str = Field(min_length=1)
+    arguments: Annotated[str, AfterValidator(_json_object_text)]
+
+
+class MessageToolCall(StrictModel):
+    """A call an earlier assistant message made, as the reply's `tool_calls` listed it."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class OpenAIMessage(StrictModel):
-    role: Literal["system", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_text_parts)]
+    """A chat message. In OpenAI's tool-calling flow an assistant message may hold
+    `tool_calls` (content then may be null) and a `tool` message answers one by its id."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Annotated[str | None, BeforeValidator(_text_parts)] = Field(
+        None, validate_default=True)
+    tool_calls: list[MessageToolCall] | None = Field(None, validate_default=True)
+    tool_call_id: str | None = Field(None, min_length=1, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_an_assistant(cls, content: str | None, info: ValidationInfo):
+        if content is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("required (only an assistant message that calls "
+                             "tools may leave it out)")
+        return content
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_of_an_assistant(cls, calls: list[MessageToolCall] | None,
+                               info: ValidationInfo):
+        role = info.data.get("role")
+        if calls and role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if not calls and role == "assistant" and info.data.get("content", "") is None:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _id_on_a_tool_message(cls, call_id: str | None, info: ValidationInfo):
+        role = info.data.get("role")
+        if call_id is None and role == "tool":
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if call_id is not None and role not in ("tool", None):
+            raise ValueError("only tool messages have a tool_call_id")
+        return call_id
+
+    def message(self) -> Message:
+        """The message for the chat template."""
+        calls = tuple(ToolCall(call.id, call.function.name, call.function.arguments)
+                      for call in self.tool_calls or ())
+        return Message(self.role, self.content, calls, self.tool_call_id)
+
+
+class FunctionDefinition(StrictModel):
+    name: FunctionName
+    description: str | None = None
+    # None: no parameters (an empty object); a call forced by tool_choice follows the schema.
+    parameters: Annotated[dict[str, Any], AfterValidator(_enforceable)] | None = None
+    strict: bool | None = None  # accepted: forced calls always follow the schema
+
+
+class ToolDefinition(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    """tool_choice naming the function the reply must call."""
+
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+_NAMED_TOOL_CHOICE = TypeAdapter(NamedToolChoice)
+
+
+def _tool_choice(value: Any) -> Any:
+    """One error naming what tool_choice may be, rather than one per member of its union."""
+    if isinstance(value, dict):
+        try:
+            return _NAMED_TOOL_CHOICE.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise PydanticCustomError("invalid_tool_choice", f"{where}: {first['msg']}") from None
+    if value is not None and value not in TOOL_CHOICE_MODES:
+        raise PydanticCustomError("invalid_tool_choice", 'must be "none", "auto", '
+                                  '"required" or {"type": "function", "function": {"name": '
+                                  '"..."}}')
+    return value
+
+
+ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice,
+                       BeforeValidator(_tool_choice)]
 
 
 class OpenAIRequest(StrictModel):
@@ -278,14 +402,17 @@ class OpenAIRequest(StrictModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, spec: ModelSpec) -> SamplingParams:
-        """Merge with the model's defaults and check against its limits."""
+    def sampling_params(self, spec: ModelSpec,
+                        json_reply: tuple[str, str] | None = None) -> SamplingParams:
+        """Merge with the model's defaults and check against its limits; `json_reply` as
+        SamplingFields.sampling_params takes it."""
         fields = SamplingFields.model_construct(
             max_new_tokens=self._max_tokens(), min_new_tokens=self.min_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             repetition_penalty=self.repetition_penalty, stop=self.stop, seed=self.seed,
             response_format=self.response_format, logprobs=self.top_logprobs_wanted())
-        return fields.sampling_params(spec, max_param=self._max_tokens_param())
+        return fields.sampling_params(spec, max_param=self._max_tokens_param(),
+                                      json_reply=json_reply)
 
     def top_logprobs_wanted(self) -> int | None:
         """How many alternatives each token's log-probability lists; None: no logprobs."""
@@ -303,9 +430,11 @@ class ChatCompletionRequest(OpenAIRequest):
 
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: Unsupported = None
-    tool_choice: Unsupported = None
-    parallel_tool_calls: Unsupported = None
+    tools: list[ToolDefinition] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    # None: "auto" with tools. "none": the template still sees the tools (as with OpenAI and
+    # vLLM), and the reply is not read for calls.
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # False: under auto, only the first call
     functions: Unsupported = None
     function_call: Unsupported = None
     audio: Unsupported = None
@@ -327,13 +456,53 @@ class ChatCompletionRequest(OpenAIRequest):
             raise ValueError("top_logprobs is only allowed when logprobs is true")
         return self
 
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[ToolDefinition] | None):
+        names = [tool.function.name for tool in tools or ()]
+        twice = next((name for index, name in enumerate(names) if name in names[:index]), None)
+        if twice is not None:
+            raise ValueError(f"function {twice!r} is defined twice")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(cls, choice: str | NamedToolChoice | None, info: ValidationInfo):
+        if choice in (None, "none") or "tools" not in info.data:  # bad tools: their own error
+            return choice
+        names = [tool.function.name for tool in info.data["tools"] or ()]
+        if not names:
+            raise ValueError("there are no tools to choose from; give tools, or leave it out")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"function {choice.function.name!r} is not among the tools "
+                             f"({', '.join(names)})")
+        response_format = info.data.get("response_format")
+        if choice != "auto" and response_format and response_format.type != "text":
+            raise ValueError("a required or named tool call is JSON already; it cannot be "
+                             "combined with a JSON response_format")
+        return choice
+
     def top_logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def reads_tool_calls(self) -> bool:
+        """Whether the reply may call the tools (tool_choice other than "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_functions(self) -> list[FunctionDefinition]:
+        """The functions one of which the reply must call: all for "required", the named one;
+        none when the model may answer in text."""
+        functions = [tool.function for tool in self.tools or ()]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [f for f in functions if f.name == self.tool_choice.function.name]
+        return functions if self.tool_choice == "required" else []
+
     def prompt_input(self) -> PromptInput:
-        """The messages, for the model's chat template and default system prompt."""
-        return PromptInput("messages",
-                           messages=tuple(Message(m.role, m.content) for m in self.messages))
+        """The messages and tools, for the model's chat template and default system prompt."""
+        return PromptInput("messages", messages=tuple(m.message() for m in self.messages),
+                           tools=tuple(tool.model_dump(exclude_none=True)
+                                       for tool in self.tools or ()))
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -217,12 +217,14 @@ class Services:
         return job_id
 
     def chat_prompt_ids(self, spec: ModelSpec, messages: list[Message],
-                        system_prompt: str | None = None, param: str = "messages") -> list[int]:
-        """Render messages with the model's chat template and system prompt, then encode them."""
+                        system_prompt: str | None = None, param: str = "messages",
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render messages (and tools) with the model's chat template and system prompt, then
+        encode them."""
         tokenizer = self.tokenizer(spec)
         try:
             return off_loop(_render_and_encode, tokenizer, messages,
-                            system_prompt or spec.system_prompt)
+                            system_prompt or spec.system_prompt, tools)
         except ChatTemplateError as exc:
             raise APIError(422, f"the chat template of model {spec.name} refuses these "
                            f"messages: {exc}", "chat_template_error", param=param) from exc
@@ -231,13 +233,14 @@ class Services:
         """The token ids a generation from `prompt` is given."""
         if prompt.text is None:
             return self.chat_prompt_ids(spec, list(prompt.messages), prompt.system_prompt,
-                                        prompt.param)
+                                        prompt.param, list(prompt.tools))
         return off_loop(self.tokenizer(spec).encode_prompt, prompt.text)
 
 
 def _render_and_encode(tokenizer: ChatTokenizer, messages: list[Message],
-                       system_prompt: str | None) -> list[int]:
-    return tokenizer.encode(tokenizer.render(messages, system_prompt))
+                       system_prompt: str | None,
+                       tools: list[dict[str, Any]] | None = None) -> list[int]:
+    return tokenizer.encode(tokenizer.render(messages, system_prompt, tools))
 
 
 def check_context(spec: ModelSpec, prompt_tokens: int, params: SamplingParams,

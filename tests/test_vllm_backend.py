@@ -25,6 +25,7 @@ from model_store.tokenizer import ChatTokenizer
 from structured_helpers import SCHEMAS, assert_follows, response_format
 from tasks.jobs.leases import LEASES_KEY
 from tasks.jobs.workers import WorkerRegistry
+from tool_helpers import TOOLS, assert_valid_call, streamed_calls
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed (make install-vllm)")
 
@@ -148,6 +149,21 @@ def test_structured_replies_on_the_vllm_backend_validate(vllm_stack):
         extra_body={"response_format": response_format(name, schema)}))
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert_follows("".join(c.choices[0].text for c in chunks), schema)
+
+
+def test_a_required_tool_call_on_the_vllm_backend_validates(vllm_stack):
+    client = openai.OpenAI(base_url=vllm_stack.api_url + "/v1", api_key="unused")
+    names = {tool["function"]["name"] for tool in TOOLS}
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "Cuaca di Solo?"}],
+               "tools": TOOLS, "tool_choice": "required", "max_tokens": 200,
+               "temperature": 0.8}
+    for seed in (1, 2):
+        [choice] = client.chat.completions.create(seed=seed, **request).choices
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert_valid_call(choice.message.tool_calls[0], names)
+    chunks = list(client.chat.completions.create(seed=3, stream=True, **request))
+    [call] = streamed_calls(chunks)
+    assert call["name"] in names and chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_a_schema_vllm_cannot_compile_is_a_400_naming_the_problem(vllm_stack):
