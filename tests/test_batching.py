@@ -164,6 +164,20 @@ def test_a_prompt_that_fails_in_a_packed_step_fails_alone(loaded):
         engine.close()
 
 
+def test_a_failing_prompt_on_an_idle_engine_fails_alone_and_the_engine_serves_on(loaded):
+    """With no row running, a step holds prompts only: the one that fails fails alone."""
+    prompts, params = _prompts(loaded)[:2], [_params(i, True) for i in range(2)]
+    broken = prompts[0] + [loaded.tokenizer.vocab_size + 7]
+    engine = BatchingEngine(loaded, max_batch_size=BATCH, kv_cache_tokens=65_536)
+    try:
+        with pytest.raises(IndexError):
+            _tokens(iterate(engine, broken, params[0]))
+        assert _tokens(iterate(engine, prompts[1], params[1])) == \
+            _alone(loaded, [prompts[1]], [params[1]])[0]
+    finally:
+        engine.close()
+
+
 def test_only_transformers_own_sdpa_attention_is_packed(loaded):
     assert loaded.model.config._attn_implementation == "sdpa" and can_pack(loaded)
     assert not can_pack(dataclasses.replace(loaded, backend=Backend.UNSLOTH))  # its own layers

@@ -267,6 +267,8 @@ class BatchingEngine:
             self._prefilling = [p for p in self._prefilling if all(p is not q for q, _ in parts)]
             for group in prefill_groups([p.sequence.request for p, _ in parts]):
                 self._prefill(group)
+            if not self._rows:  # the step held prompts only
+                return
             parts, (logits, packed) = [], self._forward([])
         if self._rows:
             self._runner.advance()
