@@ -26,8 +26,8 @@ from tasks.engine.batching.model_runner import PromptPart, runner_for
 from tasks.engine.batching.prefix_cache import Hit
 from tasks.engine.batching.scheduler import (PACKED_PROMPT_TOKENS, Scheduler, prefill_groups,
                                              split_admitted)
-from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, PrefixCacheStats,
-                                    Request, StepSink, TokenStep, run_submitted, step_for)
+from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, Request, StepSink,
+                                    TokenStep, run_submitted, step_for)
 from tasks.engine.sampling import NonFiniteLogits, Sampler, sample_batch
 from tasks.engine.structured import Grammars
 from tasks.jobs.contract import SamplingParams
@@ -69,10 +69,10 @@ class _Prefilling:
 
     def next_part(self, budget: int | None) -> PromptPart:
         """Its next part: the rest of its prompt, or `budget` tokens of it at most."""
-        ids = self.sequence.request.prompt_ids
-        done = self.start.tokens if self.start is not None else 0
-        return PromptPart(ids, self.start, len(ids) if budget is None else min(len(ids),
-                                                                               done + budget))
+        part = PromptPart(self.sequence.request.prompt_ids, self.start)
+        if budget is not None:
+            part.end = min(part.end, part.done + budget)
+        return part
 
 
 class BatchingEngine:
@@ -144,11 +144,10 @@ class BatchingEngine:
     def stats(self) -> EngineStats:
         """Batch size, waiting requests and the share of the KV budget the padded batch holds."""
         held = len(self._rows) * self._runner.width
-        prefixes = getattr(self._runner, "prefixes", None)
+        prefixes = self._runner.prefixes
         return EngineStats(len(self._rows), len(self._scheduler.waiting),
                            min(held / self.kv_cache_tokens, 1.0),
-                           prefix_cache=None if prefixes is None else PrefixCacheStats(
-                               prefixes.tokens, prefixes.queried_tokens, prefixes.hit_tokens))
+                           prefix_cache=prefixes.stats() if prefixes is not None else None)
 
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:

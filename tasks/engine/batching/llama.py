@@ -81,11 +81,10 @@ def _bias(linear: torch.nn.Module) -> torch.Tensor | None:
 
 
 def _fused(linears: list[torch.nn.Module], prepack: bool) -> Linear:
-    biases = [_bias(linear) for linear in linears]
+    weights, biases = [_weight(linear) for linear in linears], [_bias(linear) for linear in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
-        [b if b is not None else torch.zeros(_weight(l).shape[0], dtype=_weight(l).dtype)
-         for b, l in zip(biases, linears)])
-    return Linear(torch.cat([_weight(linear) for linear in linears]), bias, prepack)
+        [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
+    return Linear(torch.cat(weights), bias, prepack)
 
 
 class _Layer:

@@ -77,6 +77,7 @@ class ModelRunner:
     compute part of a prompt (PromptPart), for a chunked prefill."""
 
     chunks = False
+    prefixes: PrefixCache | None = None  # the KV of earlier sequences, where the runner keeps it
 
     def __init__(self, model: torch.nn.Module, device: torch.device, packs: bool = False):
         self.model, self.device, self.packs = model, device, packs

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tasks.engine.interface import PrefixCacheStats
+
 BLOCK = 16  # tokens per block: the unit of a match
 
 
@@ -79,8 +81,8 @@ class PrefixCache:
         if length == 0 or length > self.capacity_tokens:
             return
         digests = list(_chain(tokens[:length]))
-        if self._index.get(digests[-1], (None, 0))[1] == len(digests):
-            self._kept.move_to_end(self._index[digests[-1]][0])  # kept already
+        if digests[-1] in self._index:  # some kept sequence holds this whole prefix already
+            self._kept.move_to_end(self._index[digests[-1]][0])
             return
         while self.tokens + length > self.capacity_tokens:
             self._evict_oldest()
@@ -91,6 +93,9 @@ class PrefixCache:
         self.tokens += length
         for blocks, digest in enumerate(digests, start=1):
             self._index[digest] = (kept_id, blocks)
+
+    def stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats(self.tokens, self.queried_tokens, self.hit_tokens)
 
     def _evict_oldest(self) -> None:
         kept_id, kept = self._kept.popitem(last=False)
