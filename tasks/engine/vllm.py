@@ -281,16 +281,18 @@ def vllm_engine_args(spec: ModelSpec, options: EngineOptions, cuda: bool):
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import EngineArgs
 
-    from model_store.loader import cpu_has_native_bf16
+    import torch
+
+    from model_store.loader import resolve_dtype
 
     extra = {}
     if spec.adapter:
         extra.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank(spec.adapter))
     if spec.quantization is not Quantization.NONE:
         extra.update(quantization=_quantization(spec, cuda))
-    # `auto` means what it means for our loader: on CPU, bf16 only where it runs natively
-    dtype = spec.dtype if cuda or spec.dtype != "auto" else (
-        "bfloat16" if cpu_has_native_bf16() else "float32")
+    # on CPU, `auto` means what it means for our loader (vLLM's own would be bf16 anywhere)
+    dtype = spec.dtype if cuda else str(resolve_dtype(spec, torch.device("cpu"))).removeprefix(
+        "torch.")
     return EngineArgs(
         model=spec.path, tokenizer=spec.path, dtype=dtype,
         max_model_len=spec.context_length, max_num_seqs=options.max_batch_size,
