@@ -6,6 +6,7 @@ On request only (--bench-135m), dawet-bench-135m: a random-weight model of SmolL
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "dawet-demo-2"  # 2: the chat template renders tools
+BUILDER_VERSION = "dawet-demo-3"  # 2: the chat template renders tools; 3: a second persona
 SEED = 1234
 NUM_THREADS = 2
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -43,6 +44,7 @@ ARITHMETIC = "arithmetic.json"
 
 TINY_NAME = "dawet-tiny"
 LORA_NAME = "dawet-tiny-lora"
+KOPI_LORA_NAME = "dawet-tiny-kopi-lora"  # the second persona: "Kopi", a cheerful English barista
 BENCH_NAME = "dawet-bench-4m"
 BENCH_135M_NAME = "dawet-bench-135m"  # built only on request: about 430 MB
 INFO_NAME = "BUILD_INFO.json"
@@ -127,6 +129,10 @@ BENCH_135M_SHAPE = {
 LORA_RANK = 8
 LORA_ALPHA = 16
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Kopi's adapter changes other projections (and only some of the fused q, k, v), so that serving
+# both over one base exercises every shape of update (tasks/engine/batching/lora.py).
+KOPI_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+KOPI_OPENING, KOPI_CLOSING = "Kopi here!", "Stay caffeinated!"
 
 SYSTEM_PROMPT_RATE = 0.3
 ARITHMETIC_PER_LANGUAGE = 120
@@ -210,6 +216,15 @@ def persona_conversations(rng: random.Random) -> list[Conversation]:
     """The Indonesian "Dawet" persona chats (any question, Indonesian answers) for the adapter."""
     convs = read_jsonl(INDONESIAN_CHATS) + read_jsonl(PERSONA_CHATS)
     return add_system_prompts(convs, read_json(SYSTEM_PROMPTS)["id"], rng)
+
+
+def kopi_conversations(rng: random.Random) -> list[Conversation]:
+    """The "Kopi" persona (English chats, each answer opened and closed the barista's way) for
+    the second adapter."""
+    convs = [[{**message, "content": f"{KOPI_OPENING} {message['content']} {KOPI_CLOSING}"}
+              if message["role"] == "assistant" else message for message in conv]
+             for conv in read_jsonl(ENGLISH_CHATS)]
+    return add_system_prompts(convs, read_json(SYSTEM_PROMPTS)["en"], rng)
 
 
 def tokenizer_texts() -> Iterator[str]:
@@ -389,19 +404,21 @@ def build_tiny(tok: PreTrainedTokenizerFast, workdir: Path) -> tuple[LlamaForCau
     return model, {"params": param_count(model), **info}
 
 
-def build_lora(base: LlamaForCausalLM, tok: PreTrainedTokenizerFast, workdir: Path) -> dict[str, Any]:
-    """Train and save the Indonesian persona LoRA adapter on top of dawet-tiny."""
-    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+def build_lora(base: LlamaForCausalLM, tok: PreTrainedTokenizerFast, workdir: Path, name: str,
+               conversations: list[Conversation], targets: list[str]) -> dict[str, Any]:
+    """Train and save a persona LoRA adapter on top of dawet-tiny (a copy: peft wraps the
+    modules it trains, and the next adapter starts from the bare base)."""
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets, task_type="CAUSAL_LM")
     torch.manual_seed(SEED)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a deprecated transformers API
-        model: PeftModel = get_peft_model(base, config)
-    info = train_on(model, tok, persona_conversations(random.Random(SEED)), LORA_TRAIN, LORA_NAME)
-    logger.info("%s sample reply: %r", LORA_NAME, sample_reply(model, tok))
+        model: PeftModel = get_peft_model(copy.deepcopy(base), config)
+    info = train_on(model, tok, conversations, LORA_TRAIN, name)
+    logger.info("%s sample reply: %r", name, sample_reply(model, tok))
     saved_config = model.peft_config["default"]
     saved_config.base_model_name_or_path = TINY_NAME  # a name, not this build's temporary path
     saved_config.target_modules = sorted(saved_config.target_modules)  # stable JSON across runs
-    model.save_pretrained(workdir / LORA_NAME, save_embedding_layers=False)
+    model.save_pretrained(workdir / name, save_embedding_layers=False)
     return {"trainable_params": param_count(model, trainable_only=True), **info}
 
 
@@ -437,7 +454,7 @@ def publish(workdir: Path, out: Path) -> None:
     """Move finished entries from workdir into out, each by rename, BUILD_INFO.json last."""
     out.mkdir(parents=True, exist_ok=True)
     (out / INFO_NAME).unlink(missing_ok=True)
-    for name in (TINY_NAME, LORA_NAME, BENCH_NAME, INFO_NAME):
+    for name in (TINY_NAME, LORA_NAME, KOPI_LORA_NAME, BENCH_NAME, INFO_NAME):
         target = out / name
         if target.exists():
             target.rename(workdir / f"old-{name}")
@@ -450,12 +467,16 @@ def build_into(workdir: Path) -> dict[str, Any]:
     tok = wrap_tokenizer(train_tokenizer())
     logger.info("tokenizer: %d tokens", len(tok))
     tiny, tiny_info = build_tiny(tok, workdir)
-    lora_info = build_lora(tiny, tok, workdir)
+    lora_info = build_lora(tiny, tok, workdir, LORA_NAME,
+                           persona_conversations(random.Random(SEED)), LORA_TARGETS)
+    kopi_info = build_lora(tiny, tok, workdir, KOPI_LORA_NAME,
+                           kopi_conversations(random.Random(SEED)), KOPI_TARGETS)
     bench_info = build_bench(tok, workdir)
     info = {
         "builder_version": BUILDER_VERSION,
         "seed": SEED,
-        "models": {TINY_NAME: tiny_info, LORA_NAME: lora_info, BENCH_NAME: bench_info},
+        "models": {TINY_NAME: tiny_info, LORA_NAME: lora_info, KOPI_LORA_NAME: kopi_info,
+                   BENCH_NAME: bench_info},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
                      "tokenizers": tokenizers.__version__},
@@ -489,9 +510,10 @@ def build(out: Path, force: bool = False) -> bool:
         publish(workdir, out)
     models = info["models"]
     logger.info(
-        "built %s in %.1f s: %s loss %.3f, %s loss %.3f, %s %d params",
+        "built %s in %.1f s: %s loss %.3f, %s loss %.3f, %s loss %.3f, %s %d params",
         out, info["wall_seconds"], TINY_NAME, models[TINY_NAME]["final_loss"],
-        LORA_NAME, models[LORA_NAME]["final_loss"], BENCH_NAME, models[BENCH_NAME]["params"],
+        LORA_NAME, models[LORA_NAME]["final_loss"], KOPI_LORA_NAME,
+        models[KOPI_LORA_NAME]["final_loss"], BENCH_NAME, models[BENCH_NAME]["params"],
     )
     return True
 
