@@ -26,7 +26,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     enable_cors(app, settings.cors_origin_list())
     register_error_handlers(app)
     from api import chat, docs, health, jobs, metrics, openai, responses, tokenize, usage
-    from api import batches, files
+    from api import adapters, batches, files
 
     app.register_blueprint(docs.bp)
     app.register_blueprint(health.bp)
@@ -38,5 +38,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(tokenize.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(batches.bp)
+    app.register_blueprint(adapters.bp)
     metrics.init_app(app)
     return app

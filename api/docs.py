@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint
 from pydantic.json_schema import models_json_schema
 
+from api.adapters import LoadAdapterRequest, UnloadAdapterRequest
 from api.admission import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
 from api.batches import BatchCreateRequest
 from api.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -22,7 +23,8 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
                    "code": {"type": "string"}, "param": {"type": ["string", "null"]}}}}}
 # What each refusal means, by status, for every route that may answer it.
 ERRORS = {"400": "invalid request", "401": "missing or invalid API key",
-          "403": "the API key may not use this model, or read this usage",
+          "403": "the API key may not use this model, read this usage, or (not an admin key) "
+                 "load or unload adapters",
           "404": "unknown model, job, conversation, response or route (another key's are unknown "
                  "too)",
           "409": "an Idempotency-Key still being admitted, or a batch past cancelling",
@@ -44,7 +46,8 @@ def openapi_document() -> dict[str, Any]:
     _, top = models_json_schema(
         [(m, "validation") for m in (GenerateRequest, ChatCompletionRequest, CompletionRequest,
                                      TokenizeRequest, DetokenizeRequest, ResponseRequest,
-                                     BatchCreateRequest)],
+                                     BatchCreateRequest, LoadAdapterRequest,
+                                     UnloadAdapterRequest)],
         ref_template=REF)
     schemas = {**top["$defs"], "Error": ERROR}
     return {"openapi": "3.1.0", "info": {"title": "Dawet", "version": "0.1.0"},
@@ -70,6 +73,10 @@ def _paths() -> dict[str, Any]:
         "/v1/models/{model_id}": {"parameters": [_path_param("model_id")],
                                   "get": _operation("200", "one model", "404")},
         "/v1/chat/models": {"get": _operation("200", "models for the chat page")},
+        "/v1/load_lora_adapter": {"post": _body("LoadAdapterRequest", "the adapter, served",
+                                                "200", "400", "403", "404")},
+        "/v1/unload_lora_adapter": {"post": _body("UnloadAdapterRequest", "the adapter, removed",
+                                                  "200", "403", "404")},
         "/tokenize": {"post": _body("TokenizeRequest", "the prompt's token ids")},
         "/detokenize": {"post": _body("DetokenizeRequest", "the text of token ids")},
         "/v1/usage": {"parameters": [_query_param(name) for name in

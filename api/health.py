@@ -22,7 +22,7 @@ def readyz():
     svc = services()
     checks = {"redis": _redis_ok(svc.redis), "broker": _broker_ok(svc.celery)}
     default = svc.registry.default.name
-    live = svc.workers.live(default) if checks["redis"] else []
+    live = svc.workers.live(svc.registry.default.served_by) if checks["redis"] else []
     checks["workers"] = bool(live)
     body = {"status": "ready" if all(checks.values()) else "not_ready", "checks": checks,
             "default_model": default, "live_workers": len(live)}

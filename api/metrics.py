@@ -144,10 +144,10 @@ class BacklogCollector:
                                  "Workers serving the model whose heartbeat is fresh.",
                                  labels=["model"])
         try:
-            for name, spec in self._svc.registry.models.items():
-                live.add_metric([name], len(self._svc.workers.live(name)))
+            for spec in self._svc.registry.entries:  # an adapter's jobs wait in its base's queue
+                live.add_metric([spec.name], len(self._svc.workers.live(spec.name)))
                 if self._broker is not None:
-                    depth.add_metric([name], self._broker.llen(spec.queue))
+                    depth.add_metric([spec.name], self._broker.llen(spec.queue))
         except redis.RedisError:
             logger.warning("metrics: Redis unreachable; no queue depth or live workers this scrape")
             return

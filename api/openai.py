@@ -194,9 +194,11 @@ def get_model(model_id: str):
 
 
 def _model_card(svc: Services, spec: ModelSpec) -> dict[str, Any]:
-    """OpenAI's model object, plus whether a live worker serves it and its context length."""
+    """OpenAI's model object, plus whether a live worker serves it and its context length; an
+    adapter names its base model as `parent`, as vLLM's LoRA models do."""
     return {"id": spec.name, "object": "model", "created": svc.started_at, "owned_by": "dawet",
-            "ready": svc.workers.serves(spec.name), "context_length": spec.context_length}
+            "parent": spec.base_model, "ready": svc.workers.serves(spec.served_by),
+            "context_length": spec.context_length}
 
 
 @dataclass(frozen=True)

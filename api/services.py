@@ -12,6 +12,7 @@ import redis
 from celery import Celery
 from flask import current_app
 
+from api.adapter_store import AdapterStore
 from api.admission import Admission, too_many
 from api.conversations import ConversationStore
 from api.errors import APIError, invalid, job_not_found
@@ -26,8 +27,8 @@ from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
 from tasks.batches.files import FileStore
 from tasks.batches.store import BatchStore
 from tasks.worker.app import create_celery, send_job
-from tasks.jobs.contract import (Charge, ErrorBody, ErrorEvent, Job, JobState, SamplingParams,
-                                 StatusEvent)
+from tasks.jobs.contract import (Charge, ErrorBody, ErrorEvent, Job, JobState, LoraAdapter,
+                                 SamplingParams, StatusEvent)
 from tasks.jobs.feed import JobFeed, JobNotFound, StreamIdle, follow
 from tasks.jobs.log import JobStore
 from tasks.jobs.usage import DAY_SECONDS, BudgetExceeded, UsageBook
@@ -59,13 +60,17 @@ class Services:
         self.usage = UsageBook(self.redis, settings.usage_retention_days)
         self.files = FileStore(self.redis, settings.files_dir)
         self.batches = BatchStore(self.redis)
+        self.adapters = AdapterStore(self.redis, self.registry)
         self._tokenizers: dict[str, ChatTokenizer] = {}
         self._lock = threading.Lock()
         self.started_at = int(time.time())
 
     def model(self, name: str | None) -> ModelSpec:
-        """The named registry model, or a 404 in the envelope."""
+        """The named model (in the registry, or an adapter added at run time), or a 404 in the
+        envelope."""
         spec = self.registry.get(name)
+        if spec is None and name:
+            spec = self.adapters.spec(name)
         if spec is None:
             raise self._missing_model(name)
         return spec
@@ -76,8 +81,9 @@ class Services:
                         "model_not_found", param="model")
 
     def usable_models(self, who: Principal) -> list[ModelSpec]:
-        """The registry's models that `who` may use."""
-        return [spec for spec in self.registry.models.values() if who.may_use(spec.name)]
+        """The models that `who` may use: the registry's, then the adapters added at run time."""
+        specs = [*self.registry.models.values(), *self.adapters.specs()]
+        return [spec for spec in specs if who.may_use(spec.name)]
 
     def usable_model(self, who: Principal, name: str | None) -> ModelSpec:
         """As `model`, but a model that `who` may not use is as good as missing."""
@@ -87,11 +93,11 @@ class Services:
         return spec
 
     def tokenizer(self, spec: ModelSpec) -> ChatTokenizer:
-        """The model's tokenizer, loaded on first use."""
+        """The model's tokenizer (its base weights'), loaded on first use."""
         with self._lock:
-            if spec.name not in self._tokenizers:
-                self._tokenizers[spec.name] = ChatTokenizer(spec.path)
-            return self._tokenizers[spec.name]
+            if spec.path not in self._tokenizers:
+                self._tokenizers[spec.path] = ChatTokenizer(spec.path)
+            return self._tokenizers[spec.path]
 
     def submit_generation(self, who: Principal, request: GenerationRequest,
                           require_worker: bool = False) -> Job:
@@ -116,7 +122,7 @@ class Services:
                job_id: str) -> Job:
         """Check the request against the model and the limits, then queue it as `job_id`."""
         spec, prompt_ids, params = self.prepare(who, request)
-        if require_worker and not self.workers.serves(spec.name):
+        if require_worker and not self.workers.serves(spec.served_by):
             raise APIError(503, f"no worker serves model {spec.name} right now; retry shortly",
                            "model_unavailable", "service_unavailable", param="model")
         if self.settings.log_prompts:
@@ -187,7 +193,11 @@ class Services:
 
     def enqueue(self, spec: ModelSpec, prompt_ids: list[int], params: SamplingParams,
                 **fields: Any) -> Job:
-        """Record the job with a `queued` event, then send it to the model's queue."""
+        """Record the job with a `queued` event, then send it to the model's queue; an adapter's
+        job names the adapter its base's worker applies."""
+        if spec.lora:
+            params = params.model_copy(update={"lora": LoraAdapter(
+                name=spec.name, path=spec.lora, base=spec.served_by)})
         job = Job(model=spec.name, prompt_token_ids=prompt_ids, params=params, **fields)
         self.store.create(job, StatusEvent(JobState.QUEUED))
         send_job(self.celery, job, spec.queue)

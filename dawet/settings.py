@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # that a later prompt starting the same way skips that part of its prefill: a conversation's
     # next turn, a shared system prompt. Least recently used out first; 0: no prefix cache.
     prefix_cache_tokens: int = Field(16_384, ge=0)
+    # LoRA adapters a worker's engine keeps loaded (each model's registry `adapters`, and those
+    # added at run time) beyond those its running requests use; the least recently used goes.
+    max_loaded_adapters: int = Field(8, ge=1)
     # CPUs the engine process runs on alone (Linux's list syntax: "3", "2-3"); the worker, and
     # the Redis and API that `dawet run` starts, keep to the other CPUs. Empty: no pinning.
     engine_cpus: str = ""

@@ -116,10 +116,10 @@ def _load_transformers(spec: ModelSpec, device: torch.device, dtype: torch.dtype
     )
     if quantization is None:
         model.to(device)
-    if spec.adapter:
+    if spec.adapter or spec.lora:  # an adapter's spec loaded alone (tests, tools): merged too
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, spec.adapter)
+        model = PeftModel.from_pretrained(model, spec.adapter or spec.lora)
         if quantization is None:
             model = model.merge_and_unload()  # plain weights decode faster than adapter hooks
     return model
@@ -130,7 +130,8 @@ def _load_unsloth(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(
-        model_name=spec.adapter or spec.path, max_seq_length=spec.context_length, dtype=dtype,
+        model_name=spec.adapter or spec.lora or spec.path, max_seq_length=spec.context_length,
+        dtype=dtype,
         load_in_4bit=spec.quantization is Quantization.INT4,
         load_in_8bit=spec.quantization is Quantization.INT8,
     )

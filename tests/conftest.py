@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS_FILE = ROOT / "models.toml"
 ARTIFACTS = ROOT / "test-artifacts"
 DEMO_MODEL = "dawet-demo"
+DEMO_BASE = "dawet-tiny"  # the registry entry whose workers serve DEMO_MODEL, an adapter over it
 
 
 def _require_demo_model() -> None:

@@ -13,14 +13,14 @@ import websocket
 from pydantic import ValidationError
 
 from api import create_app
-from conftest import ARTIFACTS, DEMO_MODEL, MODELS_FILE, stream_events, submit
+from conftest import ARTIFACTS, DEMO_BASE, DEMO_MODEL, MODELS_FILE, stream_events, submit
 from api.keys import Principal, configured_keys
 from dawet.settings import Settings
 from tasks.worker.app import create_celery, send_job
 from tasks.jobs.contract import Job, JobState, SamplingParams, StatusEvent
 from tasks.jobs.log import JobStore
 
-IDLE_MODEL = "dawet-tiny"  # in the registry, but the session stack runs no worker for it
+IDLE_MODEL = "dawet-bench-4m"  # in the registry, but the session stack runs no worker for it
 IDLE_QUEUE = f"dawet.{IDLE_MODEL}"
 SHORT = {"model": IDLE_MODEL, "prompt": "Halo", "max_new_tokens": 8}
 
@@ -150,7 +150,7 @@ def test_a_job_not_started_by_its_deadline_expires_without_running(stack, redis_
                params=SamplingParams(max_new_tokens=4, temperature=0.0, top_p=1.0))
     store.create(late)
     store.append(late.id, StatusEvent(JobState.QUEUED))
-    send_job(create_celery(stack.settings), late, f"dawet.{DEMO_MODEL}")
+    send_job(create_celery(stack.settings), late, f"dawet.{DEMO_BASE}")
     events = stream_events(f"{stack.api_url.replace('http', 'ws', 1)}/v1/jobs/{late.id}/stream")
     assert [e["type"] for e in events] == ["status", "error"]
     assert events[-1]["error"]["code"] == "deadline_exceeded"

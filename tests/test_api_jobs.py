@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import websocket
 
-from conftest import DEMO_MODEL, stream_events, submit, token_text
+from conftest import DEMO_BASE, DEMO_MODEL, stream_events, submit, token_text
 from tasks.jobs.workers import WorkerRegistry
 from tasks.worker.app import create_celery, send_job
 from tasks.jobs.contract import Job, JobState, SamplingParams, StatusEvent
@@ -103,7 +103,7 @@ def test_a_failing_generation_ends_with_an_error_and_the_worker_goes_on(api, sta
     store = JobStore(redis_client, 3600)
     store.create(bad)
     store.append(bad.id, StatusEvent(JobState.QUEUED))
-    send_job(create_celery(stack.settings), bad, f"dawet.{DEMO_MODEL}")
+    send_job(create_celery(stack.settings), bad, f"dawet.{DEMO_BASE}")
     events = stream_events(f"{stack.api_url.replace('http', 'ws', 1)}/v1/jobs/{bad.id}/stream")
     assert events[-1]["type"] == "error"
     assert events[-1]["error"]["code"] == "invalid_prompt_tokens"
@@ -142,4 +142,4 @@ def test_health_and_readiness(api):
 
 
 def _worker_records(redis_client) -> list[dict]:
-    return sorted(WorkerRegistry(redis_client, 1.0).live(DEMO_MODEL), key=lambda r: r["worker"])
+    return sorted(WorkerRegistry(redis_client, 1.0).live(DEMO_BASE), key=lambda r: r["worker"])

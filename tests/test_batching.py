@@ -345,8 +345,8 @@ class _PoisonRow:
         self._decode = self._runner.decode_parts
         self._runner.decode_parts = self
 
-    def __call__(self, tokens, positions, parts):
-        logits, packed = self._decode(tokens, positions, parts)
+    def __call__(self, tokens, positions, parts, row_adapters=None):
+        logits, packed = self._decode(tokens, positions, parts, row_adapters)
         if len(tokens) > self.row:
             self.decodes += 1
             if self.decodes == self.at:
@@ -394,7 +394,7 @@ def test_a_step_that_fails_after_its_forward_pass_fails_its_rows_and_joiners_and
     runner = engine._runner
     decode, advance, failed, joins = runner.decode_parts, runner.advance, [], []
 
-    def decode_noting_the_last_prompt(tokens, positions, parts):
+    def decode_noting_the_last_prompt(tokens, positions, parts, row_adapters=None):
         joins.append(any(part.ids == prompts[-1] for part in parts))
         return decode(tokens, positions, parts)
 

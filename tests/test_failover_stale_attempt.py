@@ -31,14 +31,15 @@ import psutil
 import pytest
 import redis
 
-from conftest import DEMO_MODEL, MODELS_FILE, engine_process_of, fresh_log_dir, wait_until
+from conftest import (DEMO_BASE, DEMO_MODEL, MODELS_FILE, engine_process_of, fresh_log_dir,
+                      wait_until)
 from dawet.processes import Child, Stack, free_port
 from dawet.settings import Settings
 from tasks.jobs.leases import LEASES_KEY
 from tasks.jobs.log import OWNERS_KEY
 from tasks.jobs.workers import WorkerRegistry
 
-QUEUE = f"dawet.{DEMO_MODEL}"
+QUEUE = f"dawet.{DEMO_BASE}"
 STREAM_IDLE_SECONDS = 15.0
 CHAT = {"model": DEMO_MODEL, "messages": [{"role": "user", "content": "Tell me a long story"}],
         "stream": True, "max_tokens": 200, "min_tokens": 200, "temperature": 0}
@@ -125,7 +126,7 @@ class ChatStream:
 def test_a_job_whose_restart_returns_to_its_frozen_worker_survives_that_worker_being_killed(
         pair, pair_redis):
     r = pair_redis
-    wait_until(lambda: len(WorkerRegistry(r, 1.0).live(DEMO_MODEL)) == 2, 60, "two live workers",
+    wait_until(lambda: len(WorkerRegistry(r, 1.0).live(DEMO_BASE)) == 2, 60, "two live workers",
                interval=0.2)
     stream = ChatStream(pair.api_url)
     job_id = stream.job_id

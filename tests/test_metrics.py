@@ -8,7 +8,7 @@ import pytest
 import torch
 import websocket
 
-from conftest import DEMO_MODEL, stream_events, submit
+from conftest import DEMO_BASE, DEMO_MODEL, stream_events, submit
 from metrics_helpers import scrape, value, wait_for_idle_worker, worker_metrics_url
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ def _run_job(api, **body) -> dict:
 
 
 def test_a_finished_job_moves_the_worker_counters_by_its_usage(api, stack):
-    before = wait_for_idle_worker(stack, DEMO_MODEL)
+    before = wait_for_idle_worker(stack, DEMO_BASE)
     done = _run_job(api, prompt="Saya suka makan", max_new_tokens=12, min_new_tokens=12)
     after = scrape(worker_metrics_url(stack))
     usage, model = done["usage"], {"model": DEMO_MODEL}
@@ -43,18 +43,18 @@ def test_a_finished_job_moves_the_worker_counters_by_its_usage(api, stack):
 
 
 def test_the_worker_reports_liveness_build_and_load_time(stack):
-    samples = wait_for_idle_worker(stack, DEMO_MODEL)
+    samples = wait_for_idle_worker(stack, DEMO_BASE)
     worker = next(dict(labels)["worker"] for name, labels in samples
                   if name == "dawet_worker_up")
-    ids = {"model": DEMO_MODEL, "worker": worker}
+    ids = {"model": DEMO_BASE, "worker": worker}  # the entry it serves: the base
     assert value(samples, "dawet_worker_up", **ids) == 1
     heartbeat = value(samples, "dawet_worker_last_heartbeat_timestamp_seconds", **ids)
     assert time.time() - heartbeat < 3 * stack.settings.heartbeat_seconds + 1
-    assert value(samples, "dawet_model_load_seconds", model=DEMO_MODEL) > 0
+    assert value(samples, "dawet_model_load_seconds", model=DEMO_BASE) > 0
     build = [dict(labels) for name, labels in samples if name == "dawet_build_info"]
     assert build and build[0]["backend"] == "transformers" and build[0]["device"] == "cpu"
-    assert value(samples, "dawet_jobs_running", model=DEMO_MODEL) == 0
-    assert value(samples, "dawet_batch_size", model=DEMO_MODEL) == 0
+    assert value(samples, "dawet_jobs_running", model=DEMO_BASE) == 0
+    assert value(samples, "dawet_batch_size", model=DEMO_BASE) == 0
     gpu = [name for name, _ in samples if name == "dawet_gpu_memory_allocated_bytes"]
     assert bool(gpu) == torch.cuda.is_available()
 
@@ -67,8 +67,8 @@ def test_a_decoding_job_shows_as_running_with_batch_size_one(api, stack):
     samples = scrape(worker_metrics_url(stack))
     api.delete(f"/v1/jobs/{job['id']}")
     ws.close()
-    assert value(samples, "dawet_jobs_running", model=DEMO_MODEL) == 1
-    assert value(samples, "dawet_batch_size", model=DEMO_MODEL) == 1
+    assert value(samples, "dawet_jobs_running", model=DEMO_BASE) == 1
+    assert value(samples, "dawet_batch_size", model=DEMO_BASE) == 1
     assert stream_events(job["stream_url"])[-1]["finish_reason"] == "cancelled"
 
 
@@ -138,25 +138,25 @@ def test_open_streams_counts_an_sse_completion_while_it_streams(api, stack):
 
 
 def test_queue_depth_and_live_workers_are_read_from_redis(api, stack, redis_client):
-    idle = "dawet-tiny"  # in the registry, but the test stack runs no worker for it
+    idle = "dawet-bench-4m"  # in the registry, but the test stack runs no worker for it
     try:
         submit(api, model=idle, prompt="nobody serves this", max_new_tokens=4)
         samples = scrape(f"{stack.api_url}/metrics")
         assert value(samples, "dawet_queue_depth", model=idle) == 1
         assert value(samples, "dawet_workers_live", model=idle) == 0
-        assert value(samples, "dawet_workers_live", model=DEMO_MODEL) == 1
-        assert value(samples, "dawet_queue_depth", model=DEMO_MODEL) >= 0
+        assert value(samples, "dawet_workers_live", model=DEMO_BASE) == 1
+        assert value(samples, "dawet_queue_depth", model=DEMO_BASE) >= 0
     finally:
         redis_client.delete(f"dawet.{idle}")
 
 
 def test_the_prefix_cache_counts_the_prompt_tokens_it_found(api, stack):
-    before = wait_for_idle_worker(stack, DEMO_MODEL)
+    before = wait_for_idle_worker(stack, DEMO_BASE)
     prompt = "Saya suka makan nasi goreng di pasar pagi bersama keluarga. " * 4
     first = _run_job(api, prompt=prompt, max_new_tokens=4, min_new_tokens=4)
     _run_job(api, prompt=prompt, max_new_tokens=4, min_new_tokens=4)  # the same start again
-    after = wait_for_idle_worker(stack, DEMO_MODEL)
-    model = {"model": DEMO_MODEL}
+    after = wait_for_idle_worker(stack, DEMO_BASE)
+    model = {"model": DEMO_BASE}  # the engine's: it serves the base and its adapters
 
     def delta(name):
         return value(after, name, **model) - value(before, name, **model)

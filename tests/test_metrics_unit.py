@@ -16,7 +16,7 @@ def _values(collector) -> dict[str, float]:
 def test_a_job_waits_until_its_first_token_then_runs(monkeypatch):
     monkeypatch.setattr(metrics, "_engine_stats", None)
     clock, collector = SimpleNamespace(first_token=None), metrics.RuntimeCollector("unit-a")
-    with metrics.in_flight("unit-a", clock):
+    with metrics.in_flight(clock):
         assert _values(collector) == {"dawet_jobs_running": 0, "dawet_jobs_waiting": 1,
                                       "dawet_batch_size": 0}
         clock.first_token = 1.0

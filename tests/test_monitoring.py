@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import DEMO_MODEL, ROOT, stream_events, submit, wait_until
+from conftest import ROOT, stream_events, submit, wait_until
 from dawet.processes import Stack, free_port
 
 MONITORING = ROOT / "monitoring"
@@ -142,7 +142,7 @@ def test_the_rules_evaluate_and_flag_a_model_without_workers(scraped):
         rule["alert"]: "ok" for rule in alert_rules()}
     alerts = _get(f"{scraped}/api/v1/alerts")["data"]["alerts"]
     unserved = {a["labels"]["model"] for a in alerts if a["labels"]["alertname"] == "DawetNoLiveWorker"}
-    assert "dawet-tiny" in unserved and DEMO_MODEL not in unserved
+    assert "dawet-bench-4m" in unserved and "dawet-tiny" not in unserved  # DEMO_MODEL's base
     assert query(scraped, 'up{job="dawet-worker"} == 1')["data"]["result"]
 
 

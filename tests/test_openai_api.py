@@ -209,9 +209,13 @@ def test_a_cancelled_job_ends_its_stream_with_stop(client, api):
 
 def test_models_list_the_registry_and_which_are_served(client):
     models = {m.id: m for m in client.models.list()}
-    assert list(models) == ["dawet-demo", "dawet-tiny", "dawet-bench-4m", "dawet-demo-vllm"]
-    assert [m.model_extra["ready"] for m in models.values()] == [True, False, False, False]
-    assert client.models.retrieve("dawet-tiny").owned_by == "dawet"
+    assert list(models) == ["dawet-tiny", "dawet-demo", "dawet-kopi", "dawet-bench-4m",
+                            "dawet-tiny-vllm", "dawet-demo-vllm", "dawet-kopi-vllm"]
+    # the session's one worker serves the demo's base, so both its adapters too
+    assert [m.model_extra["ready"] for m in models.values()] == [True] * 3 + [False] * 4
+    assert [m.model_extra["parent"] for m in models.values()] == [
+        None, "dawet-tiny", "dawet-tiny", None, None, "dawet-tiny-vllm", "dawet-tiny-vllm"]
+    assert client.models.retrieve("dawet-kopi").owned_by == "dawet"
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("no-such-model")
     assert caught.value.code == "model_not_found"
@@ -219,5 +223,5 @@ def test_models_list_the_registry_and_which_are_served(client):
 
 def test_a_model_no_worker_serves_gets_503_before_queueing(client, api):
     with pytest.raises(openai.InternalServerError) as caught:
-        client.chat.completions.create(model="dawet-tiny", messages=CHAT, max_tokens=2)
+        client.chat.completions.create(model="dawet-bench-4m", messages=CHAT, max_tokens=2)
     assert caught.value.status_code == 503 and caught.value.code == "model_unavailable"

@@ -107,7 +107,7 @@ CASES = [
      400, "context_length_exceeded", "messages"),
     ("prompt-longer-than-context", TEXT, {"prompt": "makan nasi goreng " * 1200}, 400,
      "context_length_exceeded", "prompt"),
-    ("no-worker-serves-the-model", CHAT, {"model": "dawet-tiny"}, 503, "model_unavailable",
+    ("no-worker-serves-the-model", CHAT, {"model": "dawet-bench-4m"}, 503, "model_unavailable",
      "model"),
 ]
 

@@ -23,7 +23,7 @@ from model_store.tokenizer import ChatTokenizer
 
 ALICE, BOB, ROOT_KEY = (f"sk-{name}-{uuid.uuid4().hex}" for name in ("alice", "bob", "root"))
 SHORT = {"model": DEMO_MODEL, "prompt": "Halo", "max_new_tokens": 4, "temperature": 0}
-IDLE_MODEL = "dawet-tiny"  # served by no worker in the session stack
+IDLE_MODEL = "dawet-bench-4m"  # served by no worker in the session stack
 SPEC = load_registry(MODELS_FILE, DEMO_MODEL).get(DEMO_MODEL)
 
 
@@ -300,3 +300,14 @@ def test_no_request_path_walks_the_keyspace(stack, keyed_url, admin, redis_clien
     finally:
         for start in range(0, len(filler), 5_000):
             redis_client.delete(*filler[start:start + 5_000])
+
+
+def test_only_an_admin_key_adds_or_removes_an_adapter(alice, admin):
+    body = {"lora_name": f"kopi-{uuid.uuid4().hex[:8]}",
+            "lora_path": load_registry(MODELS_FILE).get("dawet-kopi").lora}
+    refused = alice.post("/v1/load_lora_adapter", json=body)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (403, "admin_required")
+    assert admin.post("/v1/load_lora_adapter", json=body).status_code == 200
+    unload = {"lora_name": body["lora_name"]}
+    assert alice.post("/v1/unload_lora_adapter", json=unload).status_code == 403
+    assert admin.post("/v1/unload_lora_adapter", json=unload).status_code == 200

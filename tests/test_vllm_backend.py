@@ -30,6 +30,7 @@ from tool_helpers import TOOLS, assert_valid_call, streamed_calls
 pytest.importorskip("vllm", reason="the vllm extra is not installed (make install-vllm)")
 
 MODEL = "dawet-demo-vllm"
+BASE = "dawet-tiny-vllm"  # the entry whose workers serve MODEL
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "min_new_tokens": 0}
 PROMPTS = ["Once upon a time", "Halo! Masak apa hari ini?", "Nasi goreng adalah"]
 REFERENCE_TOKENS = 24
@@ -38,6 +39,12 @@ REFERENCE_TOKENS = 24
 @pytest.fixture(scope="module")
 def spec():
     return load_registry(MODELS_FILE).get(MODEL)
+
+
+@pytest.fixture(scope="module")
+def base_spec():
+    """The entry whose workers serve MODEL, an adapter over it."""
+    return load_registry(MODELS_FILE).serving(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +75,7 @@ def reference(spec, tokenizer) -> dict[str, list[list[int]]]:
     """vLLM's own greedy token ids for PROMPTS, base model and adapter, end-of-sequence cut."""
     prompts = [tokenizer.encode_prompt(text) for text in PROMPTS]
     done = subprocess.run([sys.executable, str(ROOT / "tests/vllm_reference.py"), spec.path,
-                           spec.adapter, str(REFERENCE_TOKENS)], input=json.dumps(prompts),
+                           spec.lora, str(REFERENCE_TOKENS)], input=json.dumps(prompts),
                           capture_output=True, text=True, timeout=600, check=True)
     line = next(l for l in done.stdout.splitlines() if l.startswith("REFERENCE "))
     found = json.loads(line.removeprefix("REFERENCE "))
@@ -77,7 +84,7 @@ def reference(spec, tokenizer) -> dict[str, list[list[int]]]:
 
 
 def _generate(api: httpx.Client, **body) -> dict:
-    response = api.post("/v1/generate", json={"model": MODEL, **body})
+    response = api.post("/v1/generate", json={"model": MODEL, **body})  # body may name another
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -92,6 +99,21 @@ def test_greedy_output_through_the_pipeline_equals_vllms_own_generate(api, refer
 
 def test_the_adapter_changes_the_output(reference):
     assert reference["adapter"] != reference["base"]
+
+
+def test_the_base_and_both_adapters_share_steps_each_with_its_own_output(api, reference,
+                                                                        tokenizer, base_spec):
+    """Requests for the bare base, its adapter and the other adapter, all at once on vLLM's
+    LoRA: each replies as vLLM's own generate does (the other adapter: as it does alone)."""
+    kopi = next(entry.name for entry in base_spec.adapters if entry.name != MODEL)
+    i = next(i for i, ids in enumerate(reference["base"]) if ids != reference["adapter"][i])
+    body = dict(prompt=PROMPTS[i], max_new_tokens=REFERENCE_TOKENS, **GREEDY)
+    kopi_alone = token_text(stream_events(_generate(api, **body, model=kopi)["stream_url"]))
+    jobs = [_generate(api, **body, model=name) for name in (base_spec.name, MODEL, kopi) * 2]
+    texts = [token_text(stream_events(job["stream_url"])) for job in jobs]
+    expected = [tokenizer.decode(reference["base"][i]), tokenizer.decode(reference["adapter"][i]),
+                kopi_alone]
+    assert texts == expected * 2 and len(set(expected)) == 3
 
 
 def test_sampling_with_a_seed_is_repeatable_and_min_tokens_holds(api):
@@ -223,7 +245,7 @@ def test_a_killed_engine_exits_its_worker_and_its_job_runs_again_on_the_other(ap
 def _top_up_workers(stack: Stack, client: redis.Redis) -> None:
     while sum(c.name.startswith("worker") and c.alive() for c in stack.children) < 2:
         stack.add_worker(MODEL)
-    wait_until(lambda: len(WorkerRegistry(client, 1.0).live(MODEL)) == 2, 600,
+    wait_until(lambda: len(WorkerRegistry(client, 1.0).live(BASE)) == 2, 600,
                "two live vllm workers", interval=0.5)
 
 
@@ -254,27 +276,30 @@ def _batch_size(stack: Stack) -> float:
 @pytest.mark.parametrize("quantization, message", [
     ("4bit", "needs bitsandbytes on CUDA, and this host has no GPU"),
     ("8bit", "needs bitsandbytes on CUDA, and this host has no GPU")])
-def test_an_engine_asked_for_what_vllm_cannot_do_here_fails_its_start_clearly(spec, quantization,
-                                                                             message):
+def test_an_engine_asked_for_what_vllm_cannot_do_here_fails_its_start_clearly(
+        base_spec, quantization, message):
     from tasks.engine.factory import EngineOptions
     from tasks.engine.process import EngineProcess
 
-    quantized = _with(spec, quantization=quantization)
-    with pytest.raises(RuntimeError, match=f"UnsupportedByVllm: {spec.name}: .*{message}"):
+    quantized = _with(base_spec, quantization=quantization)
+    with pytest.raises(RuntimeError, match=f"UnsupportedByVllm: {base_spec.name}: .*{message}"):
         EngineProcess(quantized, EngineOptions(kind="vllm"))
 
 
-def test_8bit_maps_to_nothing_in_vllm_even_on_cuda(spec):
+def test_8bit_maps_to_nothing_in_vllm_even_on_cuda(base_spec):
     from tasks.engine.factory import EngineOptions
     from tasks.engine.vllm import UnsupportedByVllm, vllm_engine_args
 
-    eight = _with(spec, quantization="8bit")
+    eight = _with(base_spec, quantization="8bit")
     with pytest.raises(UnsupportedByVllm, match="4-bit only"):
         vllm_engine_args(eight, EngineOptions(kind="vllm"), cuda=True)
-    four = vllm_engine_args(_with(spec, quantization="4bit"),
-                            EngineOptions(kind="vllm", max_batch_size=7), cuda=True)
-    assert (four.quantization, four.max_num_seqs, four.max_lora_rank) == ("bitsandbytes", 7, 8)
-    assert four.enable_prefix_caching and four.max_model_len == spec.context_length
+    four = vllm_engine_args(_with(base_spec, quantization="4bit"),
+                            EngineOptions(kind="vllm", max_batch_size=7, max_loaded_adapters=3),
+                            cuda=True)
+    assert (four.quantization, four.max_num_seqs) == ("bitsandbytes", 7)
+    # its adapters' rank is 8: vLLM's default 16 leaves room for adapters added at run time
+    assert (four.enable_lora, four.max_loras, four.max_lora_rank) == (True, 3, 16)
+    assert four.enable_prefix_caching and four.max_model_len == base_spec.context_length
 
 
 def _with(spec: ModelSpec, **changes) -> ModelSpec:

@@ -15,8 +15,8 @@ import redis
 import websocket
 from openai import OpenAI
 
-from conftest import (DEMO_MODEL, MODELS_FILE, engine_process_of, fresh_log_dir, stream_events,
-                      submit, token_text, wait_until)
+from conftest import (DEMO_BASE, DEMO_MODEL, MODELS_FILE, engine_process_of, fresh_log_dir,
+                      stream_events, submit, token_text, wait_until)
 from dawet.processes import Stack, free_port
 from dawet.settings import Settings
 from tasks.worker.app import GENERATE_TASK, create_celery
@@ -58,7 +58,7 @@ def _two_live_workers(pair: Stack, pair_redis: redis.Redis) -> None:
     while sum(c.name.startswith("worker") and c.alive() for c in pair.children) < 2:
         pair.add_worker(DEMO_MODEL)
     deadline = time.monotonic() + 120
-    while len(WorkerRegistry(pair_redis, 1.0).live(DEMO_MODEL)) < 2:
+    while len(WorkerRegistry(pair_redis, 1.0).live(DEMO_BASE)) < 2:
         assert time.monotonic() < deadline, "the replacement worker did not come up"
         time.sleep(0.2)
 
@@ -141,7 +141,7 @@ def test_a_redelivered_job_runs_neither_beside_its_live_worker_nor_after_its_end
     ws, events = _start_and_watch(job)
     data = json.loads(pair_redis.hget(f"dawet:job:{{{job['id']}}}", "job"))
     celery = create_celery(pair.settings)
-    send = lambda: celery.send_task(GENERATE_TASK, args=[data], queue=f"dawet.{DEMO_MODEL}",  # noqa: E731
+    send = lambda: celery.send_task(GENERATE_TASK, args=[data], queue=f"dawet.{DEMO_BASE}",  # noqa: E731
                                     task_id=job["id"])
     send()  # as the broker would after the visibility timeout, while the job runs
     events = _read_to_end(ws, events)

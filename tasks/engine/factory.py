@@ -31,6 +31,7 @@ class EngineOptions:
     cpus: frozenset[int] = frozenset()  # the CPUs the engine process keeps to; empty: any
     forward: str = "auto"  # batching: auto (ours where it serves the model) | transformers
     prefix_cache_tokens: int = 0  # batching on our forward: KV kept for later prompts
+    max_loaded_adapters: int = 8  # LoRA adapters an engine keeps loaded beyond those running
 
     @property
     def runs_own_loop(self) -> bool:
@@ -54,7 +55,8 @@ def engine_options(settings, spec: ModelSpec, cpus: frozenset[int] = frozenset()
     kind = "vllm" if spec.backend is Backend.VLLM else settings.engine
     return EngineOptions(kind, settings.max_batch_size, settings.kv_cache_tokens,
                          settings.torch_threads, settings.log_level, cpus,
-                         settings.engine_forward, settings.prefix_cache_tokens)
+                         settings.engine_forward, settings.prefix_cache_tokens,
+                         settings.max_loaded_adapters)
 
 
 def start_engine(spec: ModelSpec, options: EngineOptions, own_process: bool = True,
@@ -92,7 +94,8 @@ def build_engine(loaded, options: EngineOptions, after_steps=None, inbox=None):
     # with an inbox, the engine process's main thread (the model's loader) runs the loop: join()
     return BatchingEngine(loaded, options.max_batch_size, options.kv_cache_tokens, after_steps,
                           inbox, forward=options.forward, own_thread=inbox is None,
-                          prefix_cache_tokens=options.prefix_cache_tokens)
+                          prefix_cache_tokens=options.prefix_cache_tokens,
+                          max_loaded_adapters=options.max_loaded_adapters)
 
 
 def configure_torch_threads(options: EngineOptions) -> None:

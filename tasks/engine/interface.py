@@ -29,6 +29,7 @@ class EngineStats:
     # bytes allocated on each visible GPU, when the engine runs in a process of its own
     gpu_memory_bytes: tuple[int, ...] | None = None
     prefix_cache: PrefixCacheStats | None = None  # an engine with a prefix cache of its own
+    adapters_loaded: int | None = None  # LoRA adapters it holds now, where it serves them
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Request:
     ended: bool = False  # it finished, its sink asked to stop or failed: nothing more reaches it
     error: BaseException | None = None
     constraint: Any = None  # its JSON Schema's grammar (tasks/engine/structured.py), if any
+    adapter: Any = None  # its LoRA adapter (params.lora) as the engine loaded it, if any
 
     @property
     def reserved_tokens(self) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from model_store.adapters import AdapterUnavailable
 from model_store.loader import LoadedModel
 from tasks.jobs.contract import SamplingParams
 from tasks.engine.interface import CANCELLED_STEP, StepSink, TokenStep, drive, step_for
@@ -35,6 +36,9 @@ class SequentialEngine:
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:
         """Generate on the caller's thread; one request at a time."""
+        if params.lora is not None:
+            raise AdapterUnavailable("the sequential engine serves no LoRA adapter per request; "
+                                     "the batching engine does (DAWET_ENGINE=batching)")
         self._count(+1)
         try:
             with self._lock:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_store.adapters import AdapterUnavailable, read_adapter_config
 from model_store.registry import ModelSpec, Quantization
 from model_store.tokenizer import ChatTokenizer
 from tasks.engine.factory import EngineInfo, EngineOptions
@@ -44,7 +45,7 @@ from tasks.jobs.contract import FinishReason, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-LORA_ID = 1  # vLLM names an adapter by a positive integer; a worker serves one adapter
+LORA_ID = 1  # vLLM names an adapter by a positive integer: a merged-style entry's one adapter
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 GIB = 1 << 30
 FINISHES = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
@@ -70,6 +71,8 @@ class VllmEngine:
     def __init__(self, llm, eos_ids: frozenset[int], lora=None,
                  after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None):
         self._llm, self._eos_ids, self._lora = llm, eos_ids, lora
+        self._lora_enabled = llm.vllm_config.lora_config is not None
+        self._lora_ids: dict[tuple[str, str], int] = {}  # per-request adapters: vLLM's ids
         # the core runs in this process: its scheduler is read directly, so vLLM's per-step
         # statistics (off) cost nothing; the loop thread is the only one that touches it
         self._scheduler = llm.engine_core.engine_core.scheduler
@@ -88,7 +91,9 @@ class VllmEngine:
         loop thread, through the inbox)."""
         scheduler = self._scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting),
-                           scheduler.get_kv_cache_usage())
+                           scheduler.get_kv_cache_usage(),
+                           adapters_loaded=len(self._llm.list_loras()) if self._lora_enabled
+                           else None)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
                sink: StepSink, on_end: EndCallback) -> None:
@@ -149,7 +154,7 @@ class VllmEngine:
             try:
                 [prompt] = self._llm.renderer.render_cmpl([_tokens_prompt(run.prompt_ids)])
                 self._llm.add_request(rid, prompt, self._sampling_params(run.params),
-                                      lora_request=self._lora)
+                                      lora_request=self._lora_request(run.params))
             except Exception as exc:  # this request only: vLLM refused it
                 refusal = _schema_refusal(exc, run.params)
                 if refusal is None:
@@ -181,6 +186,20 @@ class VllmEngine:
                                          self._eos_ids)
             self._json_token_ids = writable.nonzero().flatten().tolist()
         return self._json_token_ids
+
+    def _lora_request(self, params: SamplingParams):
+        """The request's LoRA adapter as vLLM names it (one id per name and path, so a name
+        added again with new weights is a new adapter); the entry's merged-style one if none."""
+        if params.lora is None:
+            return self._lora
+        if not self._lora_enabled:
+            raise AdapterUnavailable(f"this vllm worker serves no LoRA adapters per request: list "
+                                     f"{params.lora.name} in its registry entry's `adapters`")
+        from vllm.lora.request import LoRARequest
+
+        key = (params.lora.name, params.lora.path)
+        lora_id = self._lora_ids.setdefault(key, len(self._lora_ids) + LORA_ID + 1)
+        return LoRARequest(params.lora.name, lora_id, params.lora.path)
 
     def _abort_stopped(self) -> None:
         """Abort the requests that were cancelled or whose sinks asked to stop."""
@@ -286,8 +305,11 @@ def vllm_engine_args(spec: ModelSpec, options: EngineOptions, cuda: bool):
     from model_store.loader import resolve_dtype
 
     extra = {}
-    if spec.adapter:
-        extra.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank(spec.adapter))
+    if spec.adapter or spec.adapters:  # adapters added at run time need a rank within this one
+        loras = options.max_loaded_adapters
+        extra.update(enable_lora=True, max_loras=loras, max_cpu_loras=loras,
+                     max_lora_rank=_lora_rank([spec.adapter] if spec.adapter else
+                                              [entry.path for entry in spec.adapters]))
     if spec.quantization is not Quantization.NONE:
         extra.update(quantization=_quantization(spec, cuda))
     # on CPU, `auto` means what it means for our loader (vLLM's own would be bf16 anywhere)
@@ -316,10 +338,11 @@ def _quantization(spec: ModelSpec, cuda: bool) -> str:
     return "bitsandbytes"
 
 
-def _lora_rank(adapter: str) -> int:
-    """The smallest rank vLLM accepts that holds the adapter's."""
-    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-    return next(r for r in LORA_RANKS if r >= rank)
+def _lora_rank(adapters: list[str]) -> int:
+    """The smallest rank vLLM accepts that holds the adapters' (16 at least, vLLM's default,
+    for adapters added at run time)."""
+    rank = max(read_adapter_config(adapter).rank for adapter in adapters)
+    return next(r for r in LORA_RANKS if r >= max(rank, 16))
 
 
 def cpu_kv_cache_gib(model_dir: str | Path, tokens: int) -> int:

@@ -33,6 +33,18 @@ class FinishReason(str, Enum):
 MAX_TOP_LOGPROBS = 20  # the most alternatives a token's log-probability may list (OpenAI's)
 
 
+class LoraAdapter(BaseModel):
+    """A LoRA adapter a request runs with, over the base weights of the model `base` (whose
+    workers serve it): vLLM's LoRARequest, by name and path. The worker's engine loads it on
+    first use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    path: str
+    base: str
+
+
 class SamplingParams(BaseModel):
     """Resolved generation parameters: request values over the model's defaults."""
 
@@ -55,6 +67,8 @@ class SamplingParams(BaseModel):
     # Report each reply token's log-probability with this many likeliest alternatives; None:
     # report none.
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # The LoRA adapter applied to this request only, its batch sharing the base; None: none.
+    lora: LoraAdapter | None = None
 
 
 class Lane(str, Enum):

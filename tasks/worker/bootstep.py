@@ -70,7 +70,7 @@ class ModelStep(bootsteps.StartStopStep):
         tolerate_detached_channels()
         settings = get_settings()
         registry = load_registry(settings.models_file, settings.default_model)
-        self.spec = registry.get(model)
+        self.spec = registry.serving(model)  # an adapter's base serves it, and the base's others
         if self.spec is None:
             raise SystemExit(f"unknown model {model!r}; the registry has {sorted(registry.models)}")
         worker.app.amqp.queues.select([self.spec.queue])

@@ -81,8 +81,8 @@ def build_guard(settings: Settings, app: Celery, store: JobStore, runner,
               load_registry(settings.models_file, settings.default_model).models.items()}
     book = LeaseBook(store.redis, worker_name, settings.lease_seconds)
 
-    def send(job: Job) -> None:
-        send_job(app, job, queues[job.model])
+    def send(job: Job) -> None:  # an adapter's job (one added at run time too): its base's queue
+        send_job(app, job, queues[job.params.lora.base if job.params.lora else job.model])
 
     reaper = Reaper(book, store, send, settings.max_attempts, count_restart)
     keeper = LeaseKeeper(book, reaper, settings.lease_refresh_seconds, on_lost=runner.interrupt)

@@ -53,33 +53,30 @@ BUILD = Info("dawet_build", "Dawet version, inference backend and device of this
 
 
 class InFlight:
-    """Jobs inside the runner: waiting (no token yet) or running (decoding), per model."""
+    """Jobs inside the runner: waiting (no token yet) or running (decoding). All are the
+    worker's entry's: its own, or one of the adapters it serves."""
 
     def __init__(self):
-        self._clocks: dict[int, tuple[str, object]] = {}
+        self._clocks: dict[int, object] = {}
         self._lock = threading.Lock()
 
     @contextmanager
-    def track(self, model: str, clock) -> Iterator[None]:
+    def track(self, clock) -> Iterator[None]:
         """Count the job as in flight for the duration of the block."""
         with self._lock:
-            self._clocks[id(clock)] = (model, clock)
+            self._clocks[id(clock)] = clock
         try:
             yield
         finally:
             with self._lock:
                 self._clocks.pop(id(clock), None)
 
-    def counts(self) -> dict[str, tuple[int, int]]:
-        """(running, waiting) per model; a job runs once it has a first token."""
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting); a job runs once it has a first token."""
         with self._lock:
-            entries = list(self._clocks.values())
-        counts: dict[str, tuple[int, int]] = {}
-        for model, clock in entries:
-            running, waiting = counts.get(model, (0, 0))
-            started = clock.first_token is not None
-            counts[model] = (running + started, waiting + (not started))
-        return counts
+            clocks = list(self._clocks.values())
+        running = sum(clock.first_token is not None for clock in clocks)
+        return running, len(clocks) - running
 
 
 IN_FLIGHT = InFlight()
@@ -92,9 +89,9 @@ def report_engine_stats(stats_fn: Callable[[], EngineStats]) -> None:
     _engine_stats = stats_fn
 
 
-def in_flight(model: str, clock):
-    """Context manager: the runner holds a job for `model` whose marks are on `clock`."""
-    return IN_FLIGHT.track(model, clock)
+def in_flight(clock):
+    """Context manager: the runner holds a job whose marks are on `clock`."""
+    return IN_FLIGHT.track(clock)
 
 
 def observe_job(job: Job, outcome: DoneEvent | ErrorEvent, resumed_tokens: int = 0) -> None:
@@ -144,7 +141,7 @@ class RuntimeCollector:
         self._model = model
 
     def collect(self):
-        running, waiting = IN_FLIGHT.counts().get(self._model, (0, 0))
+        running, waiting = IN_FLIGHT.counts()
         stats = _engine_stats() if _engine_stats is not None else None
         if stats is not None and stats.waiting is not None:
             waiting = stats.waiting
@@ -158,6 +155,10 @@ class RuntimeCollector:
                          self._model, stats.kv_cache_usage)
         if stats is not None and stats.prefix_cache is not None:
             yield from _prefix_cache(self._model, stats.prefix_cache)
+        if stats is not None and stats.adapters_loaded is not None:
+            yield _gauge("dawet_lora_adapters_loaded", "LoRA adapters the engine holds now "
+                         "(at most DAWET_MAX_LOADED_ADAPTERS beyond those running).", self._model,
+                         stats.adapters_loaded)
         yield from gpu_memory(stats.gpu_memory_bytes if stats is not None else None)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from model_store.adapters import AdapterUnavailable
 from model_store.tokenizer import ChatTokenizer
 from tasks.jobs.contract import (INVALID_SCHEMA, DoneEvent, ErrorBody, ErrorEvent, FinishReason,
                                  Job, JobState, SamplingParams, StatusEvent, TokenEvent,
@@ -206,7 +207,7 @@ class JobRunner:
                 cancel.set()
             delivered = self._delivered(job.id, fence)
             clock = Clock(created=job.created_at, resumed_tokens=len(delivered.ids))
-            with in_flight(job.model, clock):
+            with in_flight(clock):
                 outcome = self._outcome(job, fence, clock, cancel, delivered)
         if outcome is None:
             return
@@ -243,6 +244,10 @@ class JobRunner:
             logger.info("job %s: %s", job.id, exc)
             return ErrorEvent(ErrorBody(str(exc), "invalid_request_error", INVALID_SCHEMA,
                                         "response_format"))
+        except AdapterUnavailable as exc:  # the engine could not load the job's LoRA adapter
+            logger.warning("job %s: %s", job.id, exc)
+            return ErrorEvent(ErrorBody(str(exc), "invalid_request_error", "adapter_unavailable",
+                                        "model"))
         except Exception as exc:  # the boundary: the worker must go on serving
             logger.exception("job %s failed", job.id)
             return ErrorEvent(ErrorBody(f"generation failed: {type(exc).__name__}",

@@ -44,6 +44,7 @@ class _Sequence:
 
     def __init__(self, request: Request, eos_ids: frozenset[int], device: torch.device):
         self.request, self._eos_ids = request, eos_ids
+        self.adapter = request.adapter
         self.sampler = Sampler(request.params, request.prompt_ids, eos_ids, device,
                                request.constraint)
         self.tokens = list(request.prompt_ids)  # and the reply so far (an EOS is not one)
@@ -69,7 +70,8 @@ class _Prefilling:
 
     def next_part(self, budget: int | None) -> PromptPart:
         """Its next part: the rest of its prompt, or `budget` tokens of it at most."""
-        part = PromptPart(self.sequence.request.prompt_ids, self.start)
+        part = PromptPart(self.sequence.request.prompt_ids, self.start,
+                          adapter=self.sequence.adapter)
         if budget is not None:
             part.end = min(part.end, part.done + budget)
         return part
@@ -87,8 +89,8 @@ class BatchingEngine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int, kv_cache_tokens: int,
                  after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None,
                  pack_prompts: bool = True, forward: str = "auto", own_thread: bool = True,
-                 prefix_cache_tokens: int = 0):
-        self._runner = runner_for(loaded, forward, prefix_cache_tokens)
+                 prefix_cache_tokens: int = 0, max_loaded_adapters: int = 8):
+        self._runner = runner_for(loaded, forward, prefix_cache_tokens, max_loaded_adapters)
         self._device = loaded.device
         # prompts join a running batch inside its decode step, where the model allows it
         self._pack_prompts = pack_prompts and self._runner.packs
@@ -144,10 +146,11 @@ class BatchingEngine:
     def stats(self) -> EngineStats:
         """Batch size, waiting requests and the share of the KV budget the padded batch holds."""
         held = len(self._rows) * self._runner.width
-        prefixes = self._runner.prefixes
+        prefixes, adapters = self._runner.prefixes, self._runner.adapters
         return EngineStats(len(self._rows), len(self._scheduler.waiting),
                            min(held / self.kv_cache_tokens, 1.0),
-                           prefix_cache=prefixes.stats() if prefixes is not None else None)
+                           prefix_cache=prefixes.stats() if prefixes is not None else None,
+                           adapters_loaded=len(adapters.names) if adapters is not None else None)
 
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:
@@ -187,12 +190,13 @@ class BatchingEngine:
         self._drop_stopped_prefills()
         admitted = self._scheduler.admit(self._scheduled())
         self._admitted = admitted  # taken from the queue, not yet in rows: a failure fails them
+        admitted = self._load_adapters(admitted)
         if self._chunks:  # every prompt joins the steps, a part within each one's budget
             joining, apart = admitted, []
         else:
             joining, apart = split_admitted(admitted, self._pack_prompts and bool(self._rows))
         self._prefilling += [_Prefilling(_Sequence(r, self._eos_ids, self._device),
-                                         self._runner.cached_start(r.prompt_ids))
+                                         self._runner.cached_start(r.prompt_ids, r.adapter))
                              for r in joining]
         for group in prefill_groups(apart):
             self._prefill(group)
@@ -203,6 +207,23 @@ class BatchingEngine:
 
     def _scheduled(self) -> list[Request]:
         return [s.request for s in self._rows] + [p.sequence.request for p in self._prefilling]
+
+    def _load_adapters(self, admitted: list[Request]) -> list[Request]:
+        """Load each admitted request's LoRA adapter (it stays loaded while a request runs with
+        it); a request whose adapter cannot be loaded ends with the error, the others go on."""
+        in_use = {request.adapter for request in self._scheduled() if request.adapter}
+        ready = []
+        for request in admitted:
+            if request.params.lora is not None:
+                try:
+                    request.adapter = self._runner.adapter(request.params.lora, in_use)
+                except Exception as exc:  # noqa: BLE001 - this request's failure only
+                    logger.warning("adapter %s: %s", request.params.lora.name, exc)
+                    request.deliver(exc)
+                    continue
+                in_use.add(request.adapter)
+            ready.append(request)
+        return ready
 
     def _drop_stopped_prefills(self) -> None:
         stopped = [p for p in self._prefilling if p.sequence.request.stopped]
@@ -226,7 +247,8 @@ class BatchingEngine:
         """Run the prompts as one batch, deliver first tokens, join those not ended."""
         sequences = [_Sequence(r, self._eos_ids, self._device) for r in group]
         try:
-            prefill = self._runner.prefill([r.prompt_ids for r in group])
+            prefill = self._runner.prefill([r.prompt_ids for r in group],
+                                           [r.adapter for r in group])
             tokens = sample_batch([s.sampler for s in sequences], prefill.logits)
         except Exception as exc:  # these requests only: their runners turn it into error events
             logger.exception("prefill failed")
@@ -315,7 +337,8 @@ class BatchingEngine:
 
     def _forward(self, parts: list[PromptPart]):
         return self._runner.decode_parts([s.last_token for s in self._rows],
-                                         [s.length - 1 for s in self._rows], parts)
+                                         [s.length - 1 for s in self._rows], parts,
+                                         [s.adapter for s in self._rows])
 
     def _evict(self, rows: list[int], final: TokenStep | None = None) -> None:
         """Remove these rows from the batch, sending each a `final` step when given."""
@@ -324,7 +347,7 @@ class BatchingEngine:
         for index in rows:
             if final is not None:
                 self._rows[index].request.deliver(final)
-            self._runner.remember(index, self._rows[index].tokens)
+            self._runner.remember(index, self._rows[index].tokens, self._rows[index].adapter)
         gone = set(rows)
         order = self._runner.keep([i for i in range(len(self._rows)) if i not in gone])
         self._rows = [self._rows[i] for i in order]

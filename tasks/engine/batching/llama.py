@@ -9,8 +9,9 @@ AVX-512 bf16) the weights are prepacked for oneDNN, which was about 1.6x faster 
 `linear` at every batch size, and most of all with one row.
 
 Every pass is packed (packed.py): the running rows' next tokens, then each prompt's tokens. A
-prefill is a packed pass with no rows. A peft LoRA adapter is folded into the weights it
-changes, as peft's merge does.
+prefill is a packed pass with no rows. A peft LoRA adapter the model was loaded with is folded
+into the weights it changes, as peft's merge does; adapters chosen per request are added per
+token (lora.py), so one pass serves several.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from model_store.loader import cpu_has_native_bf16
 from model_store.registry import Backend, Quantization
 from tasks.engine.batching.kv_cache import KVBatch
+from tasks.engine.batching.lora import Shapes, StepAdapters
 from tasks.engine.batching.packed import PackedStep
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -112,6 +114,7 @@ class LlamaForward:
         self.eps = config.rms_norm_eps
         self.embed = inner.embed_tokens.weight.detach()
         self.layers = [_Layer(layer, prepack) for layer in inner.layers]
+        self.shapes = _projection_shapes(inner.layers[0])
         self.norm = inner.norm.weight.detach()
         self.lm_head = _fused([model.lm_head], prepack)
         self.cos, self.sin = _rotary_table(inner.rotary_emb, self.embed,
@@ -119,17 +122,21 @@ class LlamaForward:
         self.scaling = self.head_dim ** -0.5
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
-                 step: PackedStep, kv: KVBatch, row_mask: torch.Tensor | None) -> torch.Tensor:
+                 step: PackedStep, kv: KVBatch, row_mask: torch.Tensor | None,
+                 adapters: StepAdapters | None = None) -> torch.Tensor:
         """Logits (kept tokens, vocab) of one packed pass: `step.rows` rows' tokens, then its
         prompts'. The rows' keys and values go to `kv`'s open column (`row_mask`: kv.grow());
-        the prompts' are held in `step`."""
+        the prompts' are held in `step`. `adapters`: the LoRA adapters its tokens run with."""
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         for index, layer in enumerate(self.layers):
-            x = x + layer.out(self._attention(index, layer, self._rms(x, layer.norm_in), cos, sin,
-                                              step, kv, row_mask))
-            gate, up = layer.gate_up(self._rms(x, layer.norm_post)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            project = _Projector(index, adapters)
+            attended = self._attention(index, layer, self._rms(x, layer.norm_in), cos, sin, step,
+                                       kv, row_mask, project)
+            x = x + project(layer.out, "out", attended)
+            gate, up = project(layer.gate_up, "gate_up",
+                               self._rms(x, layer.norm_post)).chunk(2, dim=-1)
+            x = x + project(layer.down, "down", F.silu(gate) * up)
         return self.lm_head(self._rms(x[keep], self.norm))
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -139,9 +146,10 @@ class LlamaForward:
 
     def _attention(self, index: int, layer: _Layer, h: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, step: PackedStep, kv: KVBatch,
-                   row_mask: torch.Tensor | None) -> torch.Tensor:
+                   row_mask: torch.Tensor | None, project: _Projector) -> torch.Tensor:
         tokens, d = h.shape[0], self.head_dim
-        q, k, v = layer.qkv(h).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], -1)
+        q, k, v = project(layer.qkv, "qkv", h).split(
+            [self.heads * d, self.kv_heads * d, self.kv_heads * d], -1)
         q = _rotate(q.view(tokens, self.heads, d), cos, sin)
         k = _rotate(k.view(tokens, self.kv_heads, d), cos, sin)
         v = v.view(tokens, self.kv_heads, d)
@@ -177,6 +185,25 @@ class LlamaForward:
         out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=self.scaling,
                                              enable_gqa=True)
         return out[0].transpose(0, 1).reshape(q.shape[2], -1)
+
+
+class _Projector:
+    """A layer's projections of a pass, each with its tokens' adapter updates added."""
+
+    def __init__(self, layer: int, adapters: StepAdapters | None):
+        self.layer, self.adapters = layer, adapters
+
+    def __call__(self, linear: Linear, name: str, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x)
+        return y if self.adapters is None else self.adapters.add(y, x, self.layer, name)
+
+
+def _projection_shapes(layer: torch.nn.Module) -> Shapes:
+    """(in, out) features of each projection a layer's adapters may change (lora.py)."""
+    modules = {**dict(layer.self_attn.named_children()), **dict(layer.mlp.named_children())}
+    return {name: (getattr(module, "base_layer", module).in_features,
+                   getattr(module, "base_layer", module).out_features)
+            for name, module in modules.items() if name.endswith("_proj")}
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ decode step runs one column for every row, with joining prompts packed into the 
 (packed.py). The running rows' cache lives in the preallocated KVBatch (kv_cache.py).
 
 ModelRunner runs transformers' own forward, which serves any model; LlamaRunner runs ours
-(llama.py) for the Llama family, where every pass is packed and a prefill needs no padding.
+(llama.py) for the Llama family, where every pass is packed and a prefill needs no padding, and
+where each sequence may run with a LoRA adapter of its own (lora.py).
 """
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
+from model_store.adapters import AdapterUnavailable
 from tasks.engine.batching.kv_cache import KVBatch
 from tasks.engine.batching.llama import LlamaForward, supports
+from tasks.engine.batching.lora import AdapterCache, LoadedAdapter, StepAdapters, read_adapter
 from tasks.engine.batching.packed import PackedStep, can_pack, packed_attention_on
 from tasks.engine.batching.prefix_cache import Hit, PrefixCache
+from tasks.jobs.contract import LoraAdapter
+
+Adapters = list[LoadedAdapter | None]  # a pass's sequences' LoRA adapters (None: the base's)
 
 
 def left_padded(prompts: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -41,11 +47,13 @@ class Prefill:
         self.logits, self.cache, self.mask = logits, cache, mask
 
 
-def runner_for(loaded, forward: str = "auto", prefix_cache_tokens: int = 0) -> ModelRunner:
+def runner_for(loaded, forward: str = "auto", prefix_cache_tokens: int = 0,
+               max_loaded_adapters: int = 8) -> ModelRunner:
     """Our forward where it serves the model and `forward` is auto, else transformers'. Ours
-    keeps up to `prefix_cache_tokens` tokens' KV for prompts that start the same way."""
+    keeps up to `prefix_cache_tokens` tokens' KV for prompts that start the same way, and up to
+    `max_loaded_adapters` LoRA adapters beyond those running."""
     if forward == "auto" and supports(loaded):
-        return LlamaRunner(loaded, prefix_cache_tokens)
+        return LlamaRunner(loaded, prefix_cache_tokens, max_loaded_adapters)
     return ModelRunner(loaded.model, loaded.device, can_pack(loaded))
 
 
@@ -58,6 +66,7 @@ class PromptPart:
     ids: list[int]
     start: Hit | None = None
     end: int | None = None
+    adapter: LoadedAdapter | None = None  # the LoRA adapter its prompt runs with
 
     def __post_init__(self):
         self.end = len(self.ids) if self.end is None else self.end
@@ -78,12 +87,18 @@ class ModelRunner:
 
     chunks = False
     prefixes: PrefixCache | None = None  # the KV of earlier sequences, where the runner keeps it
+    adapters: AdapterCache | None = None  # the LoRA adapters loaded, where the runner serves them
 
     def __init__(self, model: torch.nn.Module, device: torch.device, packs: bool = False):
         self.model, self.device, self.packs = model, device, packs
         self.kv = KVBatch(device)
 
-    def prefill(self, prompts: list[list[int]]) -> Prefill:
+    def adapter(self, ref: LoraAdapter, in_use: set[LoadedAdapter]) -> LoadedAdapter:
+        """The LoRA adapter, loaded (keeping those `in_use`), for a request that runs with it."""
+        raise AdapterUnavailable("LoRA adapters per request run on our Llama-family forward "
+                                 "only; this model runs on transformers' forward")
+
+    def prefill(self, prompts: list[list[int]], adapters: Adapters | None = None) -> Prefill:
         """One forward pass over the prompts, left-padded."""
         inputs = left_padded(prompts, self.device)
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
@@ -113,14 +128,16 @@ class ModelRunner:
             self.kv.packed = None
         return out.logits[0], packed
 
-    def decode_parts(self, tokens: list[int], positions: list[int],
-                     parts: list[PromptPart]) -> tuple[torch.Tensor, PackedStep | None]:
+    def decode_parts(self, tokens: list[int], positions: list[int], parts: list[PromptPart],
+                     row_adapters: Adapters | None = None
+                     ) -> tuple[torch.Tensor, PackedStep | None]:
         """decode(), for prompts given as parts; here every part is a whole prompt."""
         assert all(part.start is None and part.final for part in parts)
         return self.decode(tokens, positions, [part.ids for part in parts])
 
-    def cached_start(self, prompt: list[int]) -> Hit | None:
-        """The start of `prompt` whose keys and values are cached already: none here."""
+    def cached_start(self, prompt: list[int], adapter: LoadedAdapter | None = None) -> Hit | None:
+        """The start of `prompt` (run with `adapter`) whose keys and values are cached already:
+        none here."""
         return None
 
     def started(self, packed: PackedStep, index: int, part: PromptPart) -> Hit:
@@ -131,10 +148,10 @@ class ModelRunner:
         """The `index`-th packed prompt joins the running batch's cache as a new row."""
         self.kv.add_rows(*packed.prompt_cache(index))
 
-    def remember(self, row: int, tokens: list[int]) -> None:
+    def remember(self, row: int, tokens: list[int], adapter: LoadedAdapter | None = None) -> None:
         """A row about to leave the batch, whose cache holds the first of `tokens` (all but a
         last sampled one): a runner with a prefix cache keeps them for later prompts that start
-        the same way."""
+        the same way (with the same adapter)."""
 
     def advance(self) -> None:
         """The decode step's column is written: every row is one longer."""
@@ -163,18 +180,26 @@ class LlamaRunner(ModelRunner):
 
     chunks = True
 
-    def __init__(self, loaded, prefix_cache_tokens: int = 0):
+    def __init__(self, loaded, prefix_cache_tokens: int = 0, max_loaded_adapters: int = 8):
         super().__init__(loaded.model, loaded.device, packs=True)
-        self.forward = LlamaForward(loaded, loaded.spec.context_length)
+        self.forward = forward = LlamaForward(loaded, loaded.spec.context_length)
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.adapters = AdapterCache(max_loaded_adapters, lambda path: read_adapter(
+            path, forward.shapes, len(forward.layers), forward.dtype, loaded.device))
 
-    def cached_start(self, prompt: list[int]) -> Hit | None:
-        return self.prefixes.lookup(prompt) if self.prefixes is not None else None
+    def adapter(self, ref: LoraAdapter, in_use: set[LoadedAdapter]) -> LoadedAdapter:
+        return self.adapters.get(ref, in_use)
 
-    def prefill(self, prompts: list[list[int]]) -> Prefill:
-        parts = [PromptPart(prompt, self.cached_start(prompt)) for prompt in prompts]
+    def cached_start(self, prompt: list[int], adapter: LoadedAdapter | None = None) -> Hit | None:
+        return (self.prefixes.lookup(prompt, _namespace(adapter))
+                if self.prefixes is not None else None)
+
+    def prefill(self, prompts: list[list[int]], adapters: Adapters | None = None) -> Prefill:
+        adapters = adapters or [None] * len(prompts)
+        parts = [PromptPart(prompt, self.cached_start(prompt, adapter), adapter=adapter)
+                 for prompt, adapter in zip(prompts, adapters)]
         step = self._step(0, parts)
-        return Prefill(self._pass(step, parts, [], [], None), step, None)
+        return Prefill(self._pass(step, parts, [], [], None, []), step, None)
 
     def join_prefilled(self, prefill: Prefill, rows: list[int]) -> None:
         for index in rows:
@@ -185,10 +210,11 @@ class LlamaRunner(ModelRunner):
         return self.decode_parts(tokens, positions,
                                  [PromptPart(prompt, self.cached_start(prompt)) for prompt in prompts])
 
-    def decode_parts(self, tokens: list[int], positions: list[int],
-                     parts: list[PromptPart]) -> tuple[torch.Tensor, PackedStep]:
+    def decode_parts(self, tokens: list[int], positions: list[int], parts: list[PromptPart],
+                     row_adapters: Adapters | None = None) -> tuple[torch.Tensor, PackedStep]:
         step = self._step(len(tokens), parts)
-        return self._pass(step, parts, tokens, positions, self.kv.grow() if tokens else None), step
+        return self._pass(step, parts, tokens, positions, self.kv.grow() if tokens else None,
+                          row_adapters or [None] * len(tokens)), step
 
     def started(self, packed: PackedStep, index: int, part: PromptPart) -> Hit:
         keys, values = packed.prompt_cache(index)
@@ -196,10 +222,11 @@ class LlamaRunner(ModelRunner):
             keys, values = [k.clone() for k in keys], [v.clone() for v in values]
         return Hit(part.end, keys, values)
 
-    def remember(self, row: int, tokens: list[int]) -> None:
+    def remember(self, row: int, tokens: list[int], adapter: LoadedAdapter | None = None) -> None:
         if self.prefixes is not None:
             keys, values = self.kv.row_cache(row)
-            self.prefixes.keep(tokens[:keys[0].shape[2]], keys, values, copy=True)
+            self.prefixes.keep(tokens[:keys[0].shape[2]], keys, values, copy=True,
+                               namespace=_namespace(adapter))
 
     def _step(self, rows: int, parts: list[PromptPart]) -> PackedStep:
         """A packed step for the rows and these prompts' parts, each after its start."""
@@ -208,13 +235,23 @@ class LlamaRunner(ModelRunner):
                           {index: part.start for index, part in enumerate(parts) if part.start})
 
     def _pass(self, step: PackedStep, parts: list[PromptPart], tokens: list[int],
-              positions: list[int], row_mask: torch.Tensor | None) -> torch.Tensor:
+              positions: list[int], row_mask: torch.Tensor | None,
+              row_adapters: Adapters) -> torch.Tensor:
         inputs = step.inputs(tokens, positions, self.device)
+        adapters = StepAdapters.of([*row_adapters, *(part.adapter for part in parts)],
+                                   [1] * len(tokens) + [part.end - part.done for part in parts],
+                                   self.device, self.adapters)
         logits = self.forward(inputs["input_ids"][0], inputs["position_ids"][0],
-                              inputs["logits_to_keep"], step, self.kv, row_mask)
+                              inputs["logits_to_keep"], step, self.kv, row_mask, adapters)
         if self.prefixes is not None:
             for index, part in enumerate(parts):  # a cached start's prompt owns its tensors
                 if part.final:
                     self.prefixes.keep(part.ids, *step.prompt_cache(index),
-                                       copy=part.start is None)
+                                       copy=part.start is None,
+                                       namespace=_namespace(part.adapter))
         return logits
+
+
+def _namespace(adapter: LoadedAdapter | None) -> int:
+    """The prefix cache's namespace of a sequence: its KV depends on its adapter."""
+    return adapter.key if adapter is not None else 0

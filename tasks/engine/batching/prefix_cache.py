@@ -9,7 +9,9 @@ walks the prompt's blocks and takes the longest prefix some kept sequence shares
 are compared too, so a hash collision can never hand out another prefix's cache. Kept
 sequences are evicted least recently used first when a new one would exceed the budget in
 tokens. A shared prefix is stored once per sequence that holds it: simpler than blocks shared
-by reference, at the cost of memory the budget bounds.
+by reference, at the cost of memory the budget bounds. A sequence's KV depends on the LoRA
+adapter it ran with, so each adapter's sequences hash in a namespace of their own (vLLM adds
+the LoRA id to its block hashes alike).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class _Kept:
     tokens: list[int]
     keys: list[torch.Tensor]  # per layer (1, kv heads, tokens, head dim)
     values: list[torch.Tensor]
+    namespace: int
 
 
 @dataclass
@@ -51,12 +54,12 @@ class PrefixCache:
         self._index: dict[int, tuple[int, int]] = {}  # prefix hash: (kept id, its blocks)
         self._next_id = 0
 
-    def lookup(self, prompt: list[int]) -> Hit | None:
-        """The longest kept prefix of `prompt` that leaves at least its last token to compute
-        (a prefill must yield logits), or None."""
+    def lookup(self, prompt: list[int], namespace: int = 0) -> Hit | None:
+        """The longest prefix of `prompt` kept in `namespace` that leaves at least its last token
+        to compute (a prefill must yield logits), or None."""
         self.queried_tokens += len(prompt)
         best: tuple[int, int] | None = None
-        for blocks, digest in enumerate(_chain(prompt[:len(prompt) - 1]), start=1):
+        for blocks, digest in enumerate(_chain(prompt[:len(prompt) - 1], namespace), start=1):
             found = self._index.get(digest)
             if found is None:
                 break
@@ -65,7 +68,7 @@ class PrefixCache:
             return None
         kept_id, blocks = best
         kept, length = self._kept[kept_id], blocks * BLOCK
-        if kept.tokens[:length] != prompt[:length]:  # a hash collision: no hit
+        if kept.tokens[:length] != prompt[:length] or kept.namespace != namespace:  # a collision
             return None
         self._kept.move_to_end(kept_id)
         self.hit_tokens += length
@@ -73,14 +76,14 @@ class PrefixCache:
                    [v[:, :, :length] for v in kept.values])
 
     def keep(self, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
-             copy: bool) -> None:
-        """Keep a sequence's full blocks: `keys` and `values` per layer (1, kv heads, at least
-        its tokens, head dim). `copy` them when they are views of a larger tensor, which they
-        would otherwise keep alive, or of a buffer that changes."""
+             copy: bool, namespace: int = 0) -> None:
+        """Keep a sequence's full blocks in `namespace`: `keys` and `values` per layer (1, kv
+        heads, at least its tokens, head dim). `copy` them when they are views of a larger
+        tensor, which they would otherwise keep alive, or of a buffer that changes."""
         length = len(tokens) // BLOCK * BLOCK
         if length == 0 or length > self.capacity_tokens:
             return
-        digests = list(_chain(tokens[:length]))
+        digests = list(_chain(tokens[:length], namespace))
         if digests[-1] in self._index:  # some kept sequence holds this whole prefix already
             self._kept.move_to_end(self._index[digests[-1]][0])
             return
@@ -89,7 +92,7 @@ class PrefixCache:
         kept_id, self._next_id = self._next_id, self._next_id + 1
         cut = (lambda t: t[:, :, :length].clone()) if copy else (lambda t: t[:, :, :length])
         self._kept[kept_id] = _Kept(tokens[:length], [cut(k) for k in keys],
-                                    [cut(v) for v in values])
+                                    [cut(v) for v in values], namespace)
         self.tokens += length
         for blocks, digest in enumerate(digests, start=1):
             self._index[digest] = (kept_id, blocks)
@@ -100,14 +103,15 @@ class PrefixCache:
     def _evict_oldest(self) -> None:
         kept_id, kept = self._kept.popitem(last=False)
         self.tokens -= len(kept.tokens)
-        for digest in _chain(kept.tokens):
+        for digest in _chain(kept.tokens, kept.namespace):
             if self._index.get(digest, (None,))[0] == kept_id:
                 del self._index[digest]
 
 
-def _chain(tokens: list[int]):
-    """The hash of each full block's prefix: block i's chained over blocks 0..i."""
-    digest = 0
+def _chain(tokens: list[int], namespace: int):
+    """The hash of each full block's prefix: block i's chained over blocks 0..i, from the
+    namespace's seed."""
+    digest = hash(("namespace", namespace))
     for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
         digest = hash((digest, tuple(tokens[start:start + BLOCK])))
         yield digest
