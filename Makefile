@@ -2,7 +2,8 @@
 # pipeline (BENCH_ARGS=--quick for a smoke run; BENCH_ARGS='--backend vllm' for the vllm backend;
 # BENCH_ARGS=--keyspace or --responsive for the API's latency as Redis fills up, or beside huge
 # prompts; --batch-lane for interactive TTFT beside a batch; --engine for our engine at 135M; --prefix
-# for a conversation's next turn with and without the prefix cache;
+# for a conversation's next turn with and without the prefix cache; --adapters for a batch mixing
+# LoRA adapters against the bare base;
 # see docs/benchmarks.md).
 VENV ?= .venv
 PYTHON ?= python3
@@ -49,7 +50,7 @@ test: install-vllm demo-model
 
 # BENCH_ARGS='--backend vllm' compares the vllm backend with vLLM's own server on bench-model,
 # and '--engine' our engine's defaults against its old ones there; only those two build it
-# (430 MB). --keyspace, --responsive, --batch-lane and --prefix use the demo models.
+# (430 MB). --keyspace, --responsive, --batch-lane, --prefix and --adapters use the demo models.
 bench: demo-model install-vllm $(if $(or $(findstring --backend,$(BENCH_ARGS)),$(findstring --engine,$(BENCH_ARGS))),bench-model)
 	HF_HUB_OFFLINE=1 $(PY) -m bench $(BENCH_ARGS)
 

@@ -4,7 +4,8 @@ Redis fills with history (bench/keyspace.py); with `--responsive` short requests
 huge prompts arrive (bench/responsive.py); with `--batch-lane` short requests' TTFT beside a
 running batch (bench/batch_lane.py); with `--engine` our engine's new defaults against its old
 ones on a 135M-shaped model (bench/engine_forward.py); with `--prefix` a conversation's next
-turn with and without the prefix cache (bench/prefix.py)."""
+turn with and without the prefix cache (bench/prefix.py); with `--adapters` a batch mixing
+LoRA adapters against the bare base (bench/adapters.py)."""
 import sys
 
 if "--backend" in sys.argv[1:]:
@@ -17,6 +18,8 @@ elif "--engine" in sys.argv[1:]:
     from bench.engine_forward import main
 elif "--prefix" in sys.argv[1:]:
     from bench.prefix import main
+elif "--adapters" in sys.argv[1:]:
+    from bench.adapters import main
 elif "--batch-lane" in sys.argv[1:]:
     from bench.batch_lane import main
 else:
