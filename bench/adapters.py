@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from bench.pipeline import ROOT, median, table_head
+from bench.pipeline import ROOT, median, parse_repeats, repeats_parser, table_head
 
 logger = logging.getLogger("bench.adapters")
 
@@ -63,17 +63,10 @@ def format_table(results: dict[str, list[float]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench --adapters", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapters", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = repeats_parser("adapters", __doc__, repeats=5)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats = 2
-    return args
+    return parse_repeats(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,6 +202,24 @@ def bench_model(stack: Stack, model: str, args: argparse.Namespace,
     return rows
 
 
+def repeats_parser(mode: str, doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The parser of a `python -m bench --<mode>` comparison run `--repeats` times (2 with
+    --quick); parse with parse_repeats."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench --{mode}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(f"--{mode}", action="store_true")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats")
+    return parser
+
+
+def parse_repeats(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 2
+    return args
+
+
 def table_head(head: str) -> list[str]:
     """A Markdown table's header row and the separator row under it."""
     return [head, "|" + "---|" * (head.count("|") - 1)]

@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.engine_forward import settings_stack
-from bench.pipeline import ROOT, median, table_head
+from bench.pipeline import ROOT, median, parse_repeats, repeats_parser, table_head
 from bench.responsive import corpus_words
 
 logger = logging.getLogger("bench.prefix")
@@ -74,16 +74,9 @@ def format_table(results: dict[str, list[dict]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench --prefix", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prefix", action="store_true")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = repeats_parser("prefix", __doc__, repeats=10)
     parser.add_argument("--history-tokens", type=int, default=1500)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats = 2
-    return args
+    return parse_repeats(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,6 +108,21 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.01) -> None
         time.sleep(interval)
 
 
+def all_at_once(call, items: list) -> list:
+    """`call(item)` for every item at the same time, each on a thread; the results in order."""
+    results: list = [None] * len(items)
+
+    def run(index: int) -> None:
+        results[index] = call(items[index])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
 def token_text(events: list[dict]) -> str:
     return "".join(e["text"] for e in events if e["type"] == "token")
 

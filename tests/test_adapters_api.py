@@ -3,13 +3,11 @@ the demo base and its two persona adapters, the official client asks for each, a
 added and removed at run time (api/adapters.py)."""
 from __future__ import annotations
 
-import threading
-
 import openai
 import pytest
 import redis
 
-from conftest import DEMO_BASE, DEMO_MODEL, MODELS_FILE
+from conftest import DEMO_BASE, DEMO_MODEL, MODELS_FILE, all_at_once
 from metrics_helpers import scrape, value
 from model_store.registry import load_registry
 from tasks.jobs.workers import WorkerRegistry
@@ -30,26 +28,13 @@ def _reply(client: openai.OpenAI, model: str) -> str:
                                           temperature=0).choices[0].message.content
 
 
-def _all_at_once(client: openai.OpenAI, models: list[str]) -> list[str]:
-    replies: list[str | None] = [None] * len(models)
-
-    def run(index: int) -> None:
-        replies[index] = _reply(client, models[index])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(models))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return replies
-
-
 def test_one_worker_serves_the_base_and_each_adapter_its_own_reply(client, stack,
                                                                  redis_client):
     alone = {model: _reply(client, model) for model in MODELS}
     assert len(set(alone.values())) == 3  # the adapters differ from each other and the base
     assert alone[KOPI].startswith("Kopi here!")  # the barista persona's opening
-    assert _all_at_once(client, list(MODELS) * 3) == [alone[model] for model in MODELS] * 3
+    together = all_at_once(lambda model: _reply(client, model), list(MODELS) * 3)
+    assert together == [alone[model] for model in MODELS] * 3
     [worker] = WorkerRegistry(redis.Redis.from_url(stack.settings.redis_url), 1.0).live(DEMO_BASE)
     assert worker["model_loads"] == 1  # one copy of the base
     [port] = stack.worker_metrics_ports

@@ -3,12 +3,11 @@ the demo base and its two persona adapters (CPU, float32)."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import MODELS_FILE
+from conftest import MODELS_FILE, all_at_once
 from model_store.adapters import AdapterUnavailable, read_adapter_config
 from model_store.loader import LoadedModel, load_model
 from model_store.registry import AdapterEntry, ModelSpec, Registry, load_registry
@@ -54,17 +53,7 @@ def _reply(engine, prompt: list[int], params: SamplingParams) -> list[int]:
 
 def _all_at_once(engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
     """Run the requests at the same time (they share decode steps), in order of their index."""
-    replies: list[list[int] | None] = [None] * len(requests)
-
-    def run(index: int) -> None:
-        replies[index] = _reply(engine, *requests[index])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return replies
+    return all_at_once(lambda request: _reply(engine, *request), requests)
 
 
 @pytest.fixture()
