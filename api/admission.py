@@ -17,6 +17,7 @@ from kombu.exceptions import ChannelError
 
 from api.errors import APIError
 from api.keys import EVERYONE, Principal
+from dawet.redis_client import broker_client
 from dawet.settings import Settings
 from model_store.registry import ModelSpec
 
@@ -66,10 +67,8 @@ def too_many(message: str, code: str, retry_after: float,
 
 def _broker_redis(settings: Settings, client: redis.Redis) -> redis.Redis | None:
     """A client for the broker when it is Redis (the job store's own when they are one)."""
-    url = settings.broker_url_or_redis()
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    return client if url == settings.redis_url_or_fallback() else redis.Redis.from_url(url)
+    same = settings.broker_url in (None, settings.redis_url_or_fallback())
+    return client if same else broker_client(settings)
 
 
 class Admission:

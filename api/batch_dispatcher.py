@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from flask import Flask
 from pydantic import ValidationError
 
@@ -37,6 +36,7 @@ from api.offload import off_loop
 from api.openai import ChatShape, Reply, TextShape, token_logprobs, tool_plan, with_tools
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from api.services import Services
+from dawet.redis_client import redis_client
 from model_store.registry import ModelSpec
 from tasks.batches.contract import (OUTPUT_PURPOSE, UNRUN_ERRORS, BatchStatus, error_line,
                                     line_job_id, output_line, result_file_id)
@@ -296,7 +296,7 @@ class Dispatcher:
         self._svc: Services = app.extensions["dawet"]
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._runs: dict[str, BatchRun] = {}
-        client = redis.Redis.from_url(self._svc.settings.redis_url_or_fallback())
+        client = redis_client(self._svc.settings)
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # a connection of its own
         self._watched: set[str] = set()
         self._next_lease_beat = 0.0

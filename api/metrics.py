@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import ValidationError
 
 from api.errors import APIError, from_validation_error
+from dawet.redis_client import broker_client
 
 if TYPE_CHECKING:  # api.services imports this module
     from api.services import Services
@@ -133,9 +134,7 @@ class BacklogCollector:
 
     def __init__(self, svc: "Services"):
         self._svc = svc
-        broker_url = svc.settings.broker_url_or_redis()
-        self._broker = (redis.Redis.from_url(broker_url, socket_timeout=2)
-                        if broker_url.startswith(("redis://", "rediss://", "unix://")) else None)
+        self._broker = broker_client(svc.settings, socket_timeout=2)
 
     def collect(self):
         depth = GaugeMetricFamily("dawet_queue_depth", "Jobs waiting in the model's broker queue.",

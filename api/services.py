@@ -21,6 +21,7 @@ from api.metrics import note_admitted
 from api.offload import off_loop
 from api.response_store import ResponseStore
 from api.schemas import GenerationRequest, PromptInput
+from dawet.redis_client import failover_seconds, redis_client, replica_wait_seconds
 from dawet.settings import Settings
 from model_store.registry import ModelSpec, Registry, load_registry
 from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
@@ -38,6 +39,7 @@ STREAM_IDLE = ErrorBody("no event from the worker within the stream idle timeout
                         "server_error", "stream_timeout")
 LOG_LOST = ErrorBody("lost the job's event log (Redis is unreachable); see GET /v1/jobs/<id> "
                      "once it is back", "server_error", "service_unavailable")
+RESUME_SECONDS = 0.5  # between tries of a stream to read on after losing Redis
 logger = logging.getLogger(__name__)
 
 
@@ -47,10 +49,10 @@ class Services:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry: Registry = load_registry(settings.models_file, settings.default_model)
-        self.redis = redis.Redis.from_url(settings.redis_url_or_fallback(),
-                                          socket_timeout=5, socket_connect_timeout=2)
-        self.store = JobStore(self.redis, settings.job_ttl_seconds)
-        self.feed = JobFeed(redis.Redis.from_url(settings.redis_url_or_fallback()))
+        self.redis = redis_client(settings, socket_timeout=5, socket_connect_timeout=2)
+        self.store = JobStore(self.redis, settings.job_ttl_seconds,
+                              replica_wait=replica_wait_seconds(settings))
+        self.feed = JobFeed(redis_client(settings))
         self.workers = WorkerRegistry(self.redis, settings.heartbeat_seconds)
         self.conversations = ConversationStore(self.redis, settings.conversation_ttl_seconds)
         self.responses = ResponseStore(self.redis, self.store, settings.response_ttl_seconds)
@@ -201,22 +203,37 @@ class Services:
         job = Job(model=spec.name, prompt_token_ids=prompt_ids, params=params, **fields)
         self.store.create(job, StatusEvent(JobState.QUEUED))
         send_job(self.celery, job, spec.queue)
+        self.store.replicate(job.id)  # the record and the message, before the client hears of it
         note_admitted(spec.name)
         return job
 
     def events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """A job's events after `after` until done or error; going idle ends with an error.
-        Raises a 404 APIError for an unknown job."""
-        try:
-            yield from follow(self.store, self.feed, job_id, after,
-                              self.settings.stream_idle_timeout_seconds)
-        except JobNotFound:
-            raise job_not_found(job_id) from None
-        except StreamIdle:
-            yield ErrorEvent(STREAM_IDLE).to_dict()
-        except redis.RedisError:
-            logger.warning("lost Redis while following job %s", job_id)
-            yield ErrorEvent(LOG_LOST).to_dict()
+        Raises a 404 APIError for an unknown job. A lost Redis ends it with an error too,
+        unless Redis is back within `failover_seconds` (a sentinel failover): then it reads
+        on after the last event it gave, so nothing is given twice or skipped."""
+        lost_at = None
+        while True:
+            try:
+                for event in follow(self.store, self.feed, job_id, after,
+                                    self.settings.stream_idle_timeout_seconds):
+                    after, lost_at = event["seq"], None
+                    yield event
+                return
+            except JobNotFound:
+                raise job_not_found(job_id) from None
+            except StreamIdle:
+                yield ErrorEvent(STREAM_IDLE).to_dict()
+                return
+            except redis.RedisError:
+                lost_at = lost_at or time.monotonic()
+                if time.monotonic() - lost_at >= failover_seconds(self.settings):
+                    logger.warning("lost Redis while following job %s", job_id)
+                    yield ErrorEvent(LOG_LOST).to_dict()
+                    return
+                logger.info("lost Redis while following job %s; reading on after event %d "
+                            "once it is back", job_id, after)
+                time.sleep(RESUME_SECONDS)
 
     def visible_job(self, who: Principal, job_id: str) -> str:
         """`job_id` if the job exists and `who` may see it, else a 404 (whether it exists or

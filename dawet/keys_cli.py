@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import redis
-
+from dawet.redis_client import redis_client
 from dawet.settings import KEY_NAME, get_settings
 
 
@@ -31,7 +30,7 @@ def add_key_commands(parser: argparse.ArgumentParser) -> None:
 def run_keys(args: argparse.Namespace) -> int:
     from api.keys import KeyStore  # the API's module: the one home of key records
 
-    store = KeyStore(redis.Redis.from_url(get_settings().redis_url_or_fallback()))
+    store = KeyStore(redis_client(get_settings()))
     return {"create": _create, "revoke": _revoke, "list": _list}[args.action](store, args)
 
 

@@ -222,8 +222,8 @@ class Stack:
         return url
 
     def _start_redis(self) -> None:
-        if self.settings.redis_url:
-            return
+        if self.settings.redis_url or self.settings.redis_sentinels:
+            return  # an external Redis
         port = free_port()
         if self.persist_redis:
             data_dir = Path(self.settings.redis_data_dir).resolve()

@@ -23,6 +23,17 @@ class Settings(BaseSettings):
     # Redis for job logs and pub/sub. Unset: `dawet run` starts an embedded redis-server,
     # and a bare api or worker uses redis://127.0.0.1:6379/0.
     redis_url: str | None = None
+    # Redis Sentinel: comma-separated host:port of the sentinels. When set, every Redis client
+    # (pub/sub included) and the Celery broker (unless broker_url names another) use db 0 of
+    # the primary that the sentinels name redis_sentinel_master, and follow it when it fails
+    # over; redis_url is then unused (docs/resilience.md, "Redis that fails over").
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "dawet"
+    # Password of the primary and replicas found through the sentinels (not of the sentinels).
+    redis_sentinel_password: str | None = None
+    # With sentinels: how long a job's submission, start and end wait for a replica to hold
+    # them (WAIT 1), so that a failover does not lose them; 0: never wait.
+    redis_replica_wait_seconds: float = Field(1.0, ge=0)
     # Where `dawet run`'s embedded Redis keeps its append-only file, so a restart loses no job.
     redis_data_dir: Path = Path("var/redis")
     # Celery broker; unset means the Redis above. Any kombu URL works (amqp://... for RabbitMQ).
@@ -171,6 +182,13 @@ class Settings(BaseSettings):
                              "by :model1|model2; hash each key, e.g. `printf %s KEY | sha256sum`")
         return ",".join(entries)
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        if value.strip() and not all(SENTINEL_ENTRY.fullmatch(e.strip()) for e in value.split(",")):
+            raise ValueError("redis_sentinels must be comma-separated host:port pairs")
+        return value
+
     @field_validator("engine_cpus")
     @classmethod
     def _cpu_list(cls, value: str) -> str:
@@ -193,6 +211,11 @@ class Settings(BaseSettings):
         """The origins allowed by CORS; empty when CORS is off."""
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
+    def redis_sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The sentinels as (host, port) pairs; empty without sentinels."""
+        pairs = [entry.strip().rpartition(":") for entry in self.redis_sentinels.split(",")]
+        return [(host, int(port)) for host, _, port in pairs if host]
+
     def redis_url_or_fallback(self) -> str:
         """Return the configured Redis URL, or the local default."""
         return self.redis_url or FALLBACK_REDIS_URL
@@ -209,6 +232,7 @@ class Settings(BaseSettings):
         return self.broker_url or self.redis_url_or_fallback()
 
 
+SENTINEL_ENTRY = re.compile(r"[^\s,]+:\d{1,5}")  # one of DAWET_REDIS_SENTINELS: host:port
 # An API key's name, and an entry of DAWET_API_KEYS: an optional name, the key's SHA-256 hex
 # digest, optional model names.
 KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")

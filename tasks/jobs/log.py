@@ -7,7 +7,6 @@ take live (tasks/jobs/feed.py).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import queue
@@ -37,17 +36,19 @@ RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.05, 2.0  # backoff of an attempt's re
 # per fence; 0 for unfenced writes). Refused (-1) after a terminal event, and (-2) when the
 # fence is not the job's current one: a stale attempt, fenced out when its lease was reaped,
 # writes nothing. A write whose number this attempt already wrote is a retry whose first try
-# went through (-3): nothing is written twice. A terminal event releases the job's lease and
-# settles its key's usage in the same step.
+# went through (-3): nothing is written twice. A write whose predecessor in its attempt is
+# missing (-4) finds a log that went backwards: a failover to a replica that had not received
+# the attempt's latest writes; JobStore writes them again first. A terminal event releases the
+# job's lease and settles its key's usage in the same step.
 _GUARD = """
-local written = redis.call('HGET', KEYS[1], 'written')
-if ARGV[7] ~= '0' and written then
-  local fence, number = string.match(written, '(%d+):(%d+)')
-  if fence == ARGV[4] and tonumber(number) >= tonumber(ARGV[7]) then return -3 end
-end
+local number = tonumber(ARGV[7])
+local wfence, wnumber = string.match(redis.call('HGET', KEYS[1], 'written') or '', '(%d+):(%d+)')
+wnumber = tonumber(wnumber) or 0
+if number > 0 and wfence == ARGV[4] and wnumber >= number then return -3 end
 if redis.call('HGET', KEYS[1], 'ended') then return -1 end
 if ARGV[4] ~= '0' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[4] then return -2 end
-if ARGV[7] ~= '0' then redis.call('HSET', KEYS[1], 'written', ARGV[4] .. ':' .. ARGV[7]) end
+if number > 1 and (wfence ~= ARGV[4] or wnumber < number - 1) then return -4 end
+if number > 0 then redis.call('HSET', KEYS[1], 'written', ARGV[4] .. ':' .. ARGV[7]) end
 """
 _WRITE = """
 if ARGV[5] == '1' then
@@ -65,7 +66,7 @@ redis.call('PUBLISH', ARGV[3], seq .. ' ' .. ARGV[1])
 _APPEND = SETTLE_LUA + _GUARD + _WRITE + "return seq\n"
 # A job's start: as an append, then whether a cancel was requested (KEYS[5], its flag).
 _START = SETTLE_LUA + _GUARD + _WRITE + "return redis.call('EXISTS', KEYS[5])\n"
-ENDED, FENCED, WRITTEN = -1, -2, -3  # what a refused append answers
+ENDED, FENCED, WRITTEN, LOST = -1, -2, -3, -4  # what a refused append answers
 
 
 def _job_key(job_id: str) -> str:
@@ -110,15 +111,31 @@ class StaleAttempt(RuntimeError):
     """The job's log refused this attempt's write: its lease was reaped, or the job ended."""
 
 
+class _Write(dict):
+    """One call of the append script, as its Script takes it: {"keys": [...], "args": [event,
+    TTL, wake channel, fence, terminal, job id, write number]} (see _APPEND)."""
+
+    @property
+    def attempt(self) -> tuple[str, int]:
+        return self["args"][5], self["args"][3]
+
+    @property
+    def number(self) -> int:
+        return self["args"][6]
+
+
 class JobStore:
     """Job records, event logs and cancel flags in one Redis."""
 
-    def __init__(self, client: redis.Redis, ttl_seconds: int, retry_seconds: float = 0.0):
+    def __init__(self, client: redis.Redis, ttl_seconds: int, retry_seconds: float = 0.0,
+                 replica_wait: float = 0.0):
         self.redis = client
         self.ttl = ttl_seconds
         self.retry_seconds = retry_seconds  # how long an attempt's writes retry a lost Redis
-        self._numbers: dict[tuple[str, int], itertools.count] = {}
-        self._numbers_lock = threading.Lock()
+        self.replica_wait = replica_wait  # how long milestones wait for a replica; 0: never
+        # Each running attempt's writes, kept until it ends in case a failover loses some.
+        self._writes: dict[tuple[str, int], list[_Write]] = {}
+        self._writes_lock = threading.Lock()
         self._append = client.register_script(_APPEND)
         self._start = client.register_script(_START)
 
@@ -150,50 +167,126 @@ class JobStore:
         """Append an event and wake followers; returns its sequence number (0 if a retry found
         it written), or None if the log refused it (the job ended, or `fence` is not the job's
         current attempt). An attempt's writes retry a lost Redis for `retry_seconds`."""
-        call = self._append_call(job_id, event, fence)
-        seq = int(self._retrying(lambda: self._append(**call)))
+        seq = self._send(self._append_call(job_id, event, fence))
         return None if seq in (ENDED, FENCED) else max(seq, 0)
 
     def start(self, job_id: str, started: Event, fence: int = 0) -> JobStart:
         """Append the job's `started` event unless its log already ended (a redelivered task
         of a finished job) or another attempt holds it, and read its cancel flag: one round
         trip at every job's start."""
-        call = self._append_call(job_id, started, fence)
+        write = self._append_call(job_id, started, fence)
         answer = int(self._retrying(lambda: self._start(
-            keys=[*call["keys"], _cancel_key(job_id)], args=call["args"])))
+            keys=[*write["keys"], _cancel_key(job_id)], args=write["args"])))
+        if answer >= 0:  # the claim, the broker's delivery and the start, on a replica
+            self.replicate(job_id)
         return JobStart(ended_before=answer == ENDED, cancel_requested=answer > 0,
                         fenced=answer == FENCED)
 
     def append_many(self, events: list[tuple[str, int, Event]]) -> list[bool]:
         """Append (job id, fence, event) triples in one round trip, each job's in the given
         order; returns whether each was written (now, or by an earlier try)."""
-        calls = [self._append_call(job_id, event, fence) for job_id, fence, event in events]
+        writes = [self._append_call(job_id, event, fence) for job_id, fence, event in events]
 
         def commands(pipe: redis.client.Pipeline) -> None:
-            for call in calls:
-                pipe.evalsha(self._append.sha, len(call["keys"]), *call["keys"], *call["args"])
+            for write in writes:
+                pipe.evalsha(self._append.sha, len(write["keys"]), *write["keys"], *write["args"])
 
-        replies = self._retrying(lambda: self._pipelined(commands))
-        return [int(seq) not in (ENDED, FENCED) for seq in replies]
+        replies = [int(seq) for seq in self._retrying(lambda: self._pipelined(commands))]
+        # In order: an attempt's writes after a lost one were refused as lost too.
+        replies = [self._send(w) if seq == LOST else seq for w, seq in zip(writes, replies)]
+        return [seq not in (ENDED, FENCED) for seq in replies]
 
     def forget(self, job_id: str, fence: int) -> None:
-        """The attempt ended: drop its write numbering."""
-        with self._numbers_lock:
-            self._numbers.pop((job_id, fence), None)
+        """The attempt ended: drop its writes and their numbering."""
+        with self._writes_lock:
+            self._writes.pop((job_id, fence), None)
 
-    def _append_call(self, job_id: str, event: Event, fence: int = 0) -> dict[str, list]:
-        """The append script's keys and arguments; an attempt's write takes its next number."""
+    def replicate(self, job_id: str) -> int | None:
+        """Wait up to `replica_wait` seconds for a replica to hold everything written to the
+        primary so far, this job's records included: how many replicas do (None: this store
+        does not wait). Best effort: a failure is only logged."""
+        if not self.replica_wait:
+            return None  # no round trip: on every submission's path and every job's start
+        try:
+            return self._replicated(job_id, 0)[0]
+        except redis.RedisError as exc:
+            logger.warning("job %s: could not wait for a replica (%s)", job_id, exc)
+            return 0
+
+    def confirm(self, job_id: str, fence: int) -> None:
+        """Attempt `fence` ran to its end; before its worker acknowledges the job, make sure
+        that the primary holds all its writes, and a replica too. A failover can lose an
+        attempt's last writes, and no later write of it would notice: here the job's `written`
+        mark, read after the WAIT from whichever primary answered it, shows them missing, and
+        they are written again. Raises if Redis stays unreachable (the message then goes
+        back to the queue)."""
+        with self._writes_lock:
+            last = (self._writes.get((job_id, fence)) or [None])[-1]
+        if last is None:
+            return
+        while self._retrying(lambda: self._replicated(job_id, fence))[1] < last.number:
+            if self._send(last) in (ENDED, FENCED):
+                return  # another attempt has the job now
+
+    def _replicated(self, job_id: str, fence: int) -> tuple[int | None, int]:
+        """Wait (up to `replica_wait`; not at all when 0) for a replica to hold everything
+        written so far, then read the number of attempt `fence`'s last write the log holds:
+        (the replicas that confirmed, or None; that number)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            if self.replica_wait:
+                # WAIT waits for this connection's last write; a write now follows every
+                # earlier write to this primary (another connection's claim or queue push).
+                pipe.expire(_job_key(job_id), self.ttl)
+                pipe.wait(1, max(1, round(self.replica_wait * 1000)))
+            pipe.hget(_job_key(job_id), "written")
+            *waited, written = pipe.execute()
+        replicas = waited[1] if waited else None
+        if replicas == 0:
+            logger.warning("job %s: no replica confirmed its writes within %.1f s; a failover "
+                           "now could lose them", job_id, self.replica_wait)
+        return replicas, _held_number(written, fence)
+
+    def _append_call(self, job_id: str, event: Event, fence: int = 0) -> _Write:
+        """The append script's keys and arguments; an attempt's write takes its next number,
+        and is kept until the attempt ends (`forget`) in case a failover loses it."""
         data = event.to_dict()
         terminal = "1" if data["type"] in TERMINAL_TYPES else "0"
-        return {"keys": [_job_key(job_id), _log_key(job_id), LEASES_KEY, OWNERS_KEY],
-                "args": [json.dumps(data), self.ttl, wake_channel(job_id), fence, terminal,
-                         job_id, self._number(job_id, fence)]}
-
-    def _number(self, job_id: str, fence: int) -> int:
+        keys = [_job_key(job_id), _log_key(job_id), LEASES_KEY, OWNERS_KEY]
+        args = [json.dumps(data), self.ttl, wake_channel(job_id), fence, terminal, job_id, 0]
         if not fence:
-            return 0
-        with self._numbers_lock:
-            return next(self._numbers.setdefault((job_id, fence), itertools.count(1)))
+            return _Write(keys=keys, args=args)
+        with self._writes_lock:
+            kept = self._writes.setdefault((job_id, fence), [])
+            args[6] = len(kept) + 1
+            kept.append(_Write(keys=keys, args=args))
+        return kept[-1]
+
+    def _send(self, write: _Write) -> int:
+        """Run one append (retrying a lost Redis); the script's answer."""
+        while True:
+            seq = int(self._retrying(lambda: self._append(**write)))
+            if seq != LOST:
+                return seq
+            if not self._rewrite_lost(write):
+                return FENCED  # not this store's numbering: the attempt cannot go on
+
+    def _rewrite_lost(self, write: _Write) -> bool:
+        """The primary lacks writes of this attempt before `write`: it failed over to a replica
+        that had not received them. Write them again, in order. The attempt is the log's only
+        writer, so they take the sequence numbers they had, with the same events: a reader
+        that saw them on the old primary reads on after them, one that did not reads them now."""
+        job_id, fence = write.attempt
+        written = self._retrying(lambda: self.redis.hget(_job_key(job_id), "written"))
+        held = _held_number(written, fence)
+        with self._writes_lock:
+            lost = self._writes.get((job_id, fence), [])[held:write.number - 1]
+        if not lost:
+            return False
+        logger.warning("job %s: Redis lost writes %d-%d of attempt %d (a failover); writing "
+                       "them again", job_id, held + 1, write.number - 1, fence)
+        for earlier in lost:
+            self._send(earlier)
+        return True
 
     def _retrying(self, call):
         """Run a write, retrying a lost or stalled Redis with bounded backoff for up to
@@ -210,8 +303,8 @@ class JobStore:
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     def _append_in(self, pipe: redis.client.Pipeline, job_id: str, event: Event) -> None:
-        call = self._append_call(job_id, event)
-        pipe.evalsha(self._append.sha, len(call["keys"]), *call["keys"], *call["args"])
+        write = self._append_call(job_id, event)
+        pipe.evalsha(self._append.sha, len(write["keys"]), *write["keys"], *write["args"])
 
     def _pipelined(self, commands) -> list:
         """Run `commands(pipe)` in one round trip and return the replies. The append script
@@ -333,6 +426,12 @@ class EventWriter:
         for _, _, item in batch:
             if isinstance(item, threading.Event):
                 item.set()
+
+
+def _held_number(written: bytes | str | None, fence: int) -> int:
+    """The number of attempt `fence`'s last write, from a job's `written` mark ("fence:n")."""
+    held_fence, _, number = as_text(written or b"0:0").partition(":")
+    return int(number) if int(held_fence) == fence else 0
 
 
 def _decode(entry_id: bytes | str, fields: dict) -> dict[str, Any]:

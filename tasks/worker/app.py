@@ -4,6 +4,7 @@ from __future__ import annotations
 from celery import Celery
 from click import Option
 
+from dawet.redis_client import celery_broker
 from dawet.settings import Settings, get_settings
 from tasks.jobs.contract import Job, Lane
 
@@ -18,7 +19,8 @@ LANE_PRIORITY = {Lane.INTERACTIVE: 0, Lane.BATCH: 9}
 
 def create_celery(settings: Settings) -> Celery:
     """Build the Celery app for these settings (the API and workers each make one)."""
-    app = Celery("dawet", broker=settings.broker_url_or_redis(), include=["tasks.worker.generate"])
+    broker, transport_options = celery_broker(settings)
+    app = Celery("dawet", broker=broker, include=["tasks.worker.generate"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -27,7 +29,8 @@ def create_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,  # ... and handed back if its worker dies
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds,
+                                  **transport_options},
         # A submission while the broker is down fails fast (the API answers 503), not after minutes.
         task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         worker_hijack_root_logger=False,

@@ -15,12 +15,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-import redis
 from celery import bootsteps
 from celery.signals import worker_shutdown
 
 from dawet.cpus import pin_process
 from dawet.heap import freeze_startup_heap
+from dawet.redis_client import redis_client, replica_wait_seconds
 from dawet.settings import get_settings, pin_gpu
 from model_store.registry import ModelSpec, load_registry
 from model_store.tokenizer import ChatTokenizer
@@ -79,8 +79,9 @@ class ModelStep(bootsteps.StartStopStep):
     def start(self, worker) -> None:
         global _runtime
         settings = get_settings()
-        client = redis.Redis.from_url(settings.redis_url_or_fallback())
-        store = JobStore(client, settings.job_ttl_seconds, settings.redis_retry_seconds)
+        client = redis_client(settings)
+        store = JobStore(client, settings.job_ttl_seconds, settings.redis_retry_seconds,
+                         replica_wait_seconds(settings))
         runner, engine, info = _build_runner(self.spec, store, worker.hostname)
         guard = build_guard(settings, worker.app, store, runner, worker.hostname)
         _runtime = WorkerRuntime(self.spec, runner, engine, time.time(), guard)
@@ -141,7 +142,7 @@ def _build_runner(spec: ModelSpec, store: JobStore, worker_name: str):
     if split:
         pin_process(split[1])  # the engine process has its CPUs; this one keeps off them
     report_engine_stats(engine.stats)
-    cancels = CancelListener(redis.Redis.from_url(settings.redis_url_or_fallback()), store,
+    cancels = CancelListener(redis_client(settings), store,
                              settings.cancel_poll_seconds)
     cancels.start()
     runner = JobRunner(store, engine, ChatTokenizer(spec.path), worker_name,

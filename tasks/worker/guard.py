@@ -29,30 +29,41 @@ class JobGuard:
 
     def run(self, job: Job) -> None:
         """Run the job unless another worker runs it or its deadline passed. If Redis cannot
-        even grant or return its lease, the job's message goes back to the broker's queue."""
+        even grant or return its lease, or confirm its end, the job's message goes back to the
+        broker's queue."""
         try:
             self._run_held(job)
         except redis.RedisError as exc:
-            logger.warning("job %s: Redis lost its lease (%s); requeueing its message", job.id,
-                           exc)
+            logger.warning("job %s: Redis lost its lease or its end (%s); requeueing its "
+                           "message", job.id, exc)
             raise Reject(exc, requeue=True) from exc
         if self._log_prompts:
             self._log_output(job.id)
 
     def _run_held(self, job: Job) -> None:
-        with self.keeper.hold(job.id) as fence:
-            if not fence:
-                logger.info("job %s runs on another worker; skipping the redelivery", job.id)
-                return
-            try:
-                if not self._expire_if_late(job, fence):
-                    self._runner.run(job, fence)
-            except (redis.RedisError, EventWriteFailed):
-                logger.exception("job %s: Redis lost its start, tokens or end even after "
-                                 "retries; handing it back to run again", job.id)
-                self.keeper.hand_back(job.id, fence)
-            finally:
-                self._store.forget(job.id, fence)  # the attempt is over, however it ended
+        fence = 0
+        try:
+            with self.keeper.hold(job.id) as fence:
+                if not fence:
+                    logger.info("job %s runs on another worker; skipping the redelivery", job.id)
+                    return
+                ran = self._run_attempt(job, fence)
+            if ran:  # once the lease is given up: a slow WAIT must not look like a lost lease
+                self._store.confirm(job.id, fence)
+        finally:
+            self._store.forget(job.id, fence)  # the attempt is over, however it ended
+
+    def _run_attempt(self, job: Job, fence: int) -> bool:
+        """Run (or expire) the job as attempt `fence`; False if it was handed back."""
+        try:
+            if not self._expire_if_late(job, fence):
+                self._runner.run(job, fence)
+            return True
+        except (redis.RedisError, EventWriteFailed):
+            logger.exception("job %s: Redis lost its start, tokens or end even after "
+                             "retries; handing it back to run again", job.id)
+            self.keeper.hand_back(job.id, fence)
+            return False
 
     def _expire_if_late(self, job: Job, fence: int) -> bool:
         """End a job that never started and whose deadline passed with deadline_exceeded."""
