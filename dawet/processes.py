@@ -113,10 +113,11 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def redis_argv(binary: str, port: int, data_dir: str, persist: bool = False) -> list[str]:
-    """A redis-server on 127.0.0.1 only: in memory, or with an append-only file in data_dir
-    (fsync every second) when `persist`."""
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+def redis_argv(binary: str, port: int, data_dir: str, persist: bool = False,
+               bind: str = "127.0.0.1") -> list[str]:
+    """A redis-server on `bind` only (loopback unless a test puts it on another host): in
+    memory, or with an append-only file in data_dir (fsync every second) when `persist`."""
+    return [binary, "--port", str(port), "--bind", bind, "--save", "", "--appendonly",
             "yes" if persist else "no", "--appendfsync", "everysec", "--dir", data_dir,
             "--protected-mode", "yes"]
 

@@ -28,6 +28,10 @@ def create_celery(settings: Settings) -> Celery:
         task_acks_late=True,  # a job is acknowledged only after it ran
         task_reject_on_worker_lost=True,  # ... and handed back if its worker dies
         worker_prefetch_multiplier=1,
+        # No remote control (Dawet sends none): its pidbox queue is exclusive to the worker's
+        # broker connection, so a worker cut off from RabbitMQ that reconnected before RabbitMQ
+        # dropped its old connection died on RESOURCE_LOCKED (tests/test_hosts_apart.py).
+        worker_enable_remote_control=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds,
                                   **transport_options},
