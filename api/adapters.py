@@ -48,7 +48,7 @@ def load_lora_adapter():
     _require_admin()
     body = LoadAdapterRequest.model_validate_json(request.get_data())
     svc = services()
-    base = svc.registry.serving(body.base_model) if body.base_model else svc.registry.serving(None)
+    base = svc.registry.serving(body.base_model)  # None: the default model's
     if base is None:
         raise APIError(404, f"model {body.base_model!r} does not exist; see the registry",
                        "model_not_found", param="base_model")

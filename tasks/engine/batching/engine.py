@@ -44,7 +44,6 @@ class _Sequence:
 
     def __init__(self, request: Request, eos_ids: frozenset[int], device: torch.device):
         self.request, self._eos_ids = request, eos_ids
-        self.adapter = request.adapter
         self.sampler = Sampler(request.params, request.prompt_ids, eos_ids, device,
                                request.constraint)
         self.tokens = list(request.prompt_ids)  # and the reply so far (an EOS is not one)
@@ -71,7 +70,7 @@ class _Prefilling:
     def next_part(self, budget: int | None) -> PromptPart:
         """Its next part: the rest of its prompt, or `budget` tokens of it at most."""
         part = PromptPart(self.sequence.request.prompt_ids, self.start,
-                          adapter=self.sequence.adapter)
+                          adapter=self.sequence.request.adapter)
         if budget is not None:
             part.end = min(part.end, part.done + budget)
         return part
@@ -150,7 +149,7 @@ class BatchingEngine:
         return EngineStats(len(self._rows), len(self._scheduler.waiting),
                            min(held / self.kv_cache_tokens, 1.0),
                            prefix_cache=prefixes.stats() if prefixes is not None else None,
-                           adapters_loaded=len(adapters.names) if adapters is not None else None)
+                           adapters_loaded=len(adapters) if adapters is not None else None)
 
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             sink: StepSink) -> None:
@@ -338,16 +337,17 @@ class BatchingEngine:
     def _forward(self, parts: list[PromptPart]):
         return self._runner.decode_parts([s.last_token for s in self._rows],
                                          [s.length - 1 for s in self._rows], parts,
-                                         [s.adapter for s in self._rows])
+                                         [s.request.adapter for s in self._rows])
 
     def _evict(self, rows: list[int], final: TokenStep | None = None) -> None:
         """Remove these rows from the batch, sending each a `final` step when given."""
         if not rows:
             return
         for index in rows:
+            row = self._rows[index]
             if final is not None:
-                self._rows[index].request.deliver(final)
-            self._runner.remember(index, self._rows[index].tokens, self._rows[index].adapter)
+                row.request.deliver(final)
+            self._runner.remember(index, row.tokens, row.request.adapter)
         gone = set(rows)
         order = self._runner.keep([i for i in range(len(self._rows)) if i not in gone])
         self._rows = [self._rows[i] for i in order]

@@ -220,7 +220,6 @@ class AdapterCache:
         self._stacks.move_to_end(adapters)
         return stacked
 
-    @property
-    def names(self) -> list[str]:
-        """The loaded adapters' names, least recently used first."""
-        return [name for name, _ in self._loaded]
+    def __len__(self) -> int:
+        """How many adapters are loaded."""
+        return len(self._loaded)
