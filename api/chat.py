@@ -12,14 +12,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import redis
 from flask import Blueprint, current_app, g, render_template
-from kombu.exceptions import OperationalError
 from simple_websocket import ConnectionClosed
 
 from api.auth import principal, require_api_key_under_v1
 from api.conversations import Conversation, Turn, fit_history
-from api.errors import APIError, invalid
+from api.errors import APIError, as_api_error, invalid
 from api.extensions import sock
 from api.jobs import relay_events
 from api.keys import Principal
@@ -158,7 +156,7 @@ def _ensure_idle(conversation: Conversation) -> None:
                             "wait for it to end", "reply_in_progress", param="conversation_id")
 
 
-class _LockedSocket:
+class LockedSocket:
     """A WebSocket whose sends from the reader and the relay thread never interleave."""
 
     def __init__(self, ws):
@@ -173,7 +171,7 @@ class ChatSession:
     """One chat connection: reads client frames, relays one reply at a time in a thread."""
 
     def __init__(self, ws, svc: Services):
-        self.ws, self.out, self.svc = ws, _LockedSocket(ws), svc
+        self.ws, self.out, self.svc = ws, LockedSocket(ws), svc
         self.app = current_app._get_current_object()
         self.principal: Principal = principal()  # for the relay thread's app context
         self.job_id: str | None = None
@@ -191,16 +189,8 @@ class ChatSession:
         """Act on one frame; any failure becomes an error frame and the session goes on."""
         try:
             self.dispatch(parse_chat_frame(raw))
-        except APIError as exc:
-            self.send_error(exc)
-        except (redis.RedisError, OperationalError):
-            logger.warning("chat: the job queue or Redis is unavailable")
-            self.send_error(APIError(503, "the job queue or Redis is unavailable; retry shortly",
-                                     "service_unavailable", "service_unavailable"))
-        except Exception:
-            logger.exception("chat frame failed")
-            self.send_error(APIError(500, "internal server error", "internal_error",
-                                     "server_error"))
+        except Exception as exc:  # noqa: BLE001 - every failure is answered in the envelope
+            self.send_error(as_api_error(exc))
 
     def dispatch(self, frame: ChatFrame) -> None:
         """Start, regenerate, resume or cancel a reply."""

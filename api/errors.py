@@ -73,11 +73,23 @@ def _http_error(exc: HTTPException):
 
 
 def _unavailable(exc: Exception):
-    logger.warning("backend unavailable: %s", type(exc).__name__)
-    return _error_response(APIError(503, "the job queue or Redis is unavailable; retry shortly",
-                                    "service_unavailable", "service_unavailable"))
+    return _error_response(as_api_error(exc))
 
 
 def _internal_error(exc: Exception):
-    logger.exception("unhandled error")
-    return _error_response(APIError(500, "internal server error", "internal_error", "server_error"))
+    return _error_response(as_api_error(exc))
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """The error a failure is answered with, in a response or a socket's error frame: Redis or
+    the broker unreachable is a 503, and an unexpected failure a 500 (logged)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return from_validation_error(exc)
+    if isinstance(exc, (redis.RedisError, OperationalError)):
+        logger.warning("backend unavailable: %s", type(exc).__name__)
+        return APIError(503, "the job queue or Redis is unavailable; retry shortly",
+                        "service_unavailable", "service_unavailable")
+    logger.error("unhandled error", exc_info=exc)
+    return APIError(500, "internal server error", "internal_error", "server_error")

@@ -573,21 +573,29 @@ CHAT_FRAME_TYPES = ("message", "regenerate", "resume", "cancel")
 
 def parse_chat_frame(raw: str | bytes) -> ChatFrame:
     """Validate one client frame of the chat socket; raise APIError with the envelope's fields."""
+    return parse_frame(_CHAT_FRAME, CHAT_FRAME_TYPES, raw, MAX_CHAT_FRAME_BYTES, "a chat frame")
+
+
+def parse_frame(frames: TypeAdapter, types: tuple[str, ...], raw: str | bytes,
+                max_bytes: int, what: str = "a frame"):
+    """Validate one client frame of a socket whose frames `type` tells apart (`types`); raise
+    APIError with the envelope's fields."""
     size = len(raw.encode() if isinstance(raw, str) else raw)
-    if size > MAX_CHAT_FRAME_BYTES:
-        raise APIError(413, f"a chat frame may hold at most {MAX_CHAT_FRAME_BYTES} bytes; "
-                            f"this one has {size}", "message_too_large")
+    if size > max_bytes:
+        raise APIError(413, f"{what} may hold at most {max_bytes} bytes; this one has {size}",
+                       "message_too_large")
     try:
-        return _CHAT_FRAME.validate_json(raw)
+        return frames.validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            raise invalid(f"type must be one of {', '.join(CHAT_FRAME_TYPES)}", param="type",
+            raise invalid(f"type must be one of {', '.join(types)}", param="type",
                           code="unknown_message_type") from exc
         if not first["loc"]:
             raise from_validation_error(exc) from exc
         param = ".".join(str(part) for part in first["loc"][1:])  # drop the `type` tag
-        raise invalid(f"{param}: {first['msg']}", param=param) from exc
+        detail = str(first["ctx"]["error"]) if first["type"] == "value_error" else first["msg"]
+        raise invalid(f"{param}: {detail}" if param else detail, param=param or None) from exc
 
 
 # --- OpenAI's Responses API (/v1/responses) ---
