@@ -9,12 +9,14 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 
 import redis
 from celery import Celery
 from flask import g, request
 from kombu.exceptions import ChannelError
 
+from api.broker import KOMBU_REDIS_PRIORITY_SUFFIXES, broker_is_job_store
 from api.errors import APIError
 from api.keys import EVERYONE, Principal
 from dawet.redis_client import broker_client
@@ -31,8 +33,6 @@ IDEMPOTENCY_CLAIM_SECONDS = 60
 RATE_WINDOW_SECONDS = 60
 QUEUE_FULL_RETRY_AFTER_SECONDS = 5
 QUEUE_ESTIMATE_SECONDS = 1.0  # how long a queue count may be reused, far from the limit
-# kombu's Redis transport keeps a queue as one list per priority step (0, 3, 6, 9).
-KOMBU_REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 # Fixed one-minute windows: refuse (1: requests, 2: tokens) or count the request and its tokens.
 _RATE = """
@@ -67,8 +67,7 @@ def too_many(message: str, code: str, retry_after: float,
 
 def _broker_redis(settings: Settings, client: redis.Redis) -> redis.Redis | None:
     """A client for the broker when it is Redis (the job store's own when they are one)."""
-    same = settings.broker_url in (None, settings.redis_url_or_fallback())
-    return client if same else broker_client(settings)
+    return client if broker_is_job_store(settings) else broker_client(settings)
 
 
 class Admission:
@@ -140,51 +139,64 @@ class Admission:
             except ChannelError:  # no such queue yet (an empty Redis list does not exist)
                 return 0
 
-    def claim_idempotency_key(self, job_id: str) -> str | None:
-        """Bind the request's Idempotency-Key to this request and `job_id` for a while; the
-        job id it already names, if any. A 422 when the key was used for another request, a
-        409 while the request that claimed it is still being admitted."""
-        key = self._idempotency_key()
+    def claim_idempotency_key(self, key: IdempotencyKey | None, job_id: str) -> str | None:
+        """Bind the submission's Idempotency-Key (None: it has none) to its request and
+        `job_id` for a while; the job id it already names, if any. A 422 when the key was used
+        for another request, a 409 while the request that claimed it is still being admitted."""
         if key is None:
             return None
-        claim = {"request": _request_digest(), "job": job_id, "created": False}
-        if self._redis.set(key, json.dumps(claim), nx=True, ex=IDEMPOTENCY_CLAIM_SECONDS):
+        claim = {"request": key.request, "job": job_id, "created": False}
+        if self._redis.set(key.claim, json.dumps(claim), nx=True, ex=IDEMPOTENCY_CLAIM_SECONDS):
             return None
-        existing = self._redis.get(key)
+        existing = self._redis.get(key.claim)
         if existing is None:  # it expired just now: claim it again
-            return self.claim_idempotency_key(job_id)
-        return _replay(json.loads(existing), claim["request"])
+            return self.claim_idempotency_key(key, job_id)
+        return _replay(json.loads(existing), key.request)
 
-    def confirm_idempotency_key(self, job_id: str) -> None:
+    def confirm_idempotency_key(self, key: IdempotencyKey | None, job_id: str) -> None:
         """The job is queued: the key names it for as long as the job lives."""
-        key = self._idempotency_key()
         if key is not None:
-            claim = {"request": _request_digest(), "job": job_id, "created": True}
-            self._redis.set(key, json.dumps(claim), ex=self.settings.job_ttl_seconds)
+            claim = {"request": key.request, "job": job_id, "created": True}
+            self._redis.set(key.claim, json.dumps(claim), ex=self.settings.job_ttl_seconds)
 
-    def release_idempotency_key(self) -> None:
+    def release_idempotency_key(self, key: IdempotencyKey | None) -> None:
         """Forget the key of a submission that was refused, so its retry is admitted afresh."""
-        key = self._idempotency_key()
         if key is not None:
-            self._redis.delete(key)
-
-    def _idempotency_key(self) -> str | None:
-        raw = request.headers.get(IDEMPOTENCY_HEADER)
-        if raw is None:
-            return None
-        if not 0 < len(raw) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-            raise APIError(400, f"{IDEMPOTENCY_HEADER} must be 1 to "
-                           f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters", "invalid_request_error",
-                           param=IDEMPOTENCY_HEADER)
-        digest = hashlib.sha256(raw.encode()).hexdigest()
-        return f"dawet:idempotency:{client_identity()}:{digest}"
+            self._redis.delete(key.claim)
 
 
-def _request_digest() -> str:
-    """What an Idempotency-Key is bound to: the route and the exact body."""
-    digest = hashlib.sha256(f"{request.method} {request.path}\n".encode())
-    digest.update(request.get_data())
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A submission's Idempotency-Key: the Redis key of its claim, and the request it is bound
+    to (a digest of the route and the exact body)."""
+
+    claim: str
+    request: str
+
+
+def idempotency_key(raw: str | None, route: str, body: bytes) -> IdempotencyKey | None:
+    """Key `raw` (None: no key) of a request to `route` with `body`, for the request's client;
+    a 400 when it is empty or too long."""
+    if raw is None:
+        return None
+    if not 0 < len(raw) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise APIError(400, f"{IDEMPOTENCY_HEADER} must be 1 to "
+                       f"{MAX_IDEMPOTENCY_KEY_LENGTH} characters", "invalid_request_error",
+                       param=IDEMPOTENCY_HEADER)
+    digest = hashlib.sha256(raw.encode()).hexdigest()
+    bound_to = hashlib.sha256(f"{route}\n".encode())
+    bound_to.update(body)
+    return IdempotencyKey(f"dawet:idempotency:{client_identity()}:{digest}",
+                          bound_to.hexdigest())
+
+
+def request_idempotency_key() -> IdempotencyKey | None:
+    """The HTTP request's Idempotency-Key header, bound to its method, path and body. A
+    WebSocket's handshake has none that counts: the job socket's submit frames carry their own."""
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return None
+    return idempotency_key(request.headers.get(IDEMPOTENCY_HEADER),
+                           f"{request.method} {request.path}", request.get_data())
 
 
 def _replay(claim: dict, request_digest: str) -> str:

@@ -1,6 +1,7 @@
 """The API's connections and the job submission path, one instance per app."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -13,7 +14,8 @@ from celery import Celery
 from flask import current_app
 
 from api.adapter_store import AdapterStore
-from api.admission import Admission, too_many
+from api.admission import Admission, IdempotencyKey, request_idempotency_key, too_many
+from api.broker import JobQueue, WithJob
 from api.conversations import ConversationStore
 from api.errors import APIError, invalid, job_not_found
 from api.keys import KeyRing, KeyStore, Principal
@@ -27,12 +29,12 @@ from model_store.registry import ModelSpec, Registry, load_registry
 from model_store.tokenizer import ChatTemplateError, ChatTokenizer, Message
 from tasks.batches.files import FileStore
 from tasks.batches.store import BatchStore
-from tasks.worker.app import create_celery, send_job
-from tasks.jobs.contract import (Charge, ErrorBody, ErrorEvent, Job, JobState, LoraAdapter,
-                                 SamplingParams, StatusEvent)
+from tasks.worker.app import create_celery
+from tasks.jobs.contract import (Charge, ErrorBody, ErrorEvent, Job, LoraAdapter,
+                                 SamplingParams)
 from tasks.jobs.feed import JobFeed, JobNotFound, StreamIdle, follow
 from tasks.jobs.log import JobStore
-from tasks.jobs.usage import DAY_SECONDS, BudgetExceeded, UsageBook
+from tasks.jobs.usage import DAY_SECONDS, BudgetExceeded, UsageBook, today
 from tasks.jobs.workers import WorkerRegistry
 
 STREAM_IDLE = ErrorBody("no event from the worker within the stream idle timeout",
@@ -57,6 +59,7 @@ class Services:
         self.conversations = ConversationStore(self.redis, settings.conversation_ttl_seconds)
         self.responses = ResponseStore(self.redis, self.store, settings.response_ttl_seconds)
         self.celery: Celery = create_celery(settings)
+        self.queue = JobQueue(settings, self.store, self.celery)
         self.admission = Admission(settings, self.redis, self.celery)
         self.keys = KeyRing(settings, KeyStore(self.redis))
         self.usage = UsageBook(self.redis, settings.usage_retention_days)
@@ -102,22 +105,25 @@ class Services:
             return self._tokenizers[spec.path]
 
     def submit_generation(self, who: Principal, request: GenerationRequest,
-                          require_worker: bool = False) -> Job:
+                          require_worker: bool = False,
+                          idempotency: IdempotencyKey | None = None) -> Job:
         """Validate against the model, admit, then record and queue the job for `who`.
 
         With `require_worker`, answer 503 rather than queue for a model no live worker serves.
-        A repeated Idempotency-Key returns the job it first created.
+        A repeated Idempotency-Key (`idempotency`, else the HTTP request's header) returns the
+        job it first created.
         """
         job_id = uuid.uuid4().hex
-        existing = self.admission.claim_idempotency_key(job_id)
+        key = idempotency or request_idempotency_key()
+        existing = self.admission.claim_idempotency_key(key, job_id)
         if existing is not None:
             return self._replayed(existing)
         try:
             job = self._admit(who, request, require_worker, job_id)
         except BaseException:
-            self.admission.release_idempotency_key()
+            self.admission.release_idempotency_key(key)
             raise
-        self.admission.confirm_idempotency_key(job.id)
+        self.admission.confirm_idempotency_key(key, job.id)
         return job
 
     def _admit(self, who: Principal, request: GenerationRequest, require_worker: bool,
@@ -156,13 +162,22 @@ class Services:
                         params: SamplingParams, deadline_seconds: float | None = None,
                         **fields: Any) -> Job:
         """Hold the job's cost against `who`'s daily budget, then queue the job with its start
-        deadline, owned by `who`. Batch lines come here directly: the dispatcher bounds them."""
-        charge = self._charge(who, spec, len(prompt_ids) + params.max_new_tokens)
+        deadline, owned by `who`. Batch lines come here directly: the dispatcher bounds them.
+
+        A key without a budget has a hold that nothing refuses: where the queue writes a job
+        in one MULTI, the hold goes into it, a round trip less (with the job or not at all, so
+        there is nothing to refund)."""
+        cost = len(prompt_ids) + params.max_new_tokens
         seconds = deadline_seconds or self.settings.default_deadline_seconds
+        fields.update(owner=who.name, deadline_at=time.time() + seconds if seconds else None)
+        if self.queue.atomic and not who.budget(self.settings.daily_token_budget):
+            charge = Charge(day=today(), held=cost)
+            hold = functools.partial(self.usage.hold_in, owner=who.name, model=spec.name,
+                                     charge=charge)
+            return self.enqueue(spec, prompt_ids, params, charge=charge, with_job=hold, **fields)
+        charge = self._charge(who, spec, cost)
         try:
-            return self.enqueue(spec, prompt_ids, params, owner=who.name, charge=charge,
-                                deadline_at=time.time() + seconds if seconds else None,
-                                **fields)
+            return self.enqueue(spec, prompt_ids, params, charge=charge, **fields)
         except BaseException:
             self._refund(who, spec, charge)
             raise
@@ -194,15 +209,14 @@ class Services:
         return job
 
     def enqueue(self, spec: ModelSpec, prompt_ids: list[int], params: SamplingParams,
-                **fields: Any) -> Job:
-        """Record the job with a `queued` event, then send it to the model's queue; an adapter's
-        job names the adapter its base's worker applies."""
+                with_job: WithJob | None = None, **fields: Any) -> Job:
+        """Record the job with a `queued` event, then send it to the model's queue (JobQueue.put,
+        with `with_job`); an adapter's job names the adapter its base's worker applies."""
         if spec.lora:
             params = params.model_copy(update={"lora": LoraAdapter(
                 name=spec.name, path=spec.lora, base=spec.served_by)})
         job = Job(model=spec.name, prompt_token_ids=prompt_ids, params=params, **fields)
-        self.store.create(job, StatusEvent(JobState.QUEUED))
-        send_job(self.celery, job, spec.queue)
+        self.queue.put(job, spec.queue, with_job)
         self.store.replicate(job.id)  # the record and the message, before the client hears of it
         note_admitted(spec.name)
         return job
@@ -249,9 +263,10 @@ class Services:
         """Render messages (and tools) with the model's chat template and system prompt, then
         encode them."""
         tokenizer = self.tokenizer(spec)
+        system_prompt = system_prompt or spec.system_prompt
         try:
-            return off_loop(_render_and_encode, tokenizer, messages,
-                            system_prompt or spec.system_prompt, tools)
+            return off_loop(_render_and_encode, tokenizer, messages, system_prompt, tools,
+                            chars=_chat_chars(messages, system_prompt, tools))
         except ChatTemplateError as exc:
             raise APIError(422, f"the chat template of model {spec.name} refuses these "
                            f"messages: {exc}", "chat_template_error", param=param) from exc
@@ -261,7 +276,14 @@ class Services:
         if prompt.text is None:
             return self.chat_prompt_ids(spec, list(prompt.messages), prompt.system_prompt,
                                         prompt.param, list(prompt.tools))
-        return off_loop(self.tokenizer(spec).encode_prompt, prompt.text)
+        return off_loop(self.tokenizer(spec).encode_prompt, prompt.text, chars=len(prompt.text))
+
+
+def _chat_chars(messages: list[Message], system_prompt: str | None,
+                tools: list[dict[str, Any]] | None) -> int:
+    """About how much text a chat prompt's template and tokenizer read."""
+    return (sum(len(m.content or "") for m in messages) + len(system_prompt or "")
+            + (len(str(tools)) if tools else 0))
 
 
 def _render_and_encode(tokenizer: ChatTokenizer, messages: list[Message],

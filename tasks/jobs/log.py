@@ -141,15 +141,27 @@ class JobStore:
 
     def create(self, job: Job, first: Event | None = None) -> None:
         """Record a new job, its log empty or holding `first`, in one round trip."""
-        key = _job_key(job.id)
 
         def commands(pipe: redis.client.Pipeline) -> None:
-            pipe.hset(key, mapping={"job": job.model_dump_json(), "seq": 0, **_indexed(job)})
-            pipe.expire(key, self.ttl)
+            self._record_in(pipe, job)
             if first is not None:
                 self._append_in(pipe, job.id, first)
 
         self._pipelined(commands)
+
+    def create_in(self, pipe: redis.client.Pipeline, job: Job, first: Event) -> None:
+        """Record a new job and its first event on the caller's pipeline, before commands of
+        its own (the job's broker message, api/broker.py). The append goes by the script's
+        text: a digest that Redis lost (a restart) would fail the record alone, while the
+        pipeline's other commands ran."""
+        self._record_in(pipe, job)
+        write = self._append_call(job.id, first)
+        pipe.eval(_APPEND, len(write["keys"]), *write["keys"], *write["args"])
+
+    def _record_in(self, pipe: redis.client.Pipeline, job: Job) -> None:
+        key = _job_key(job.id)
+        pipe.hset(key, mapping={"job": job.model_dump_json(), "seq": 0, **_indexed(job)})
+        pipe.expire(key, self.ttl)
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(_job_key(job_id)))

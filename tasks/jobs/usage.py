@@ -112,6 +112,14 @@ class UsageBook:
             raise BudgetExceeded
         return Charge(day=day, held=cost)
 
+    def hold_in(self, pipe: redis.client.Pipeline, owner: str, model: str,
+                charge: Charge) -> None:
+        """Count a request and hold its cost as `admit` does for a key without a budget (nothing
+        refuses it), on the caller's pipeline: the MULTI that records its job (api/broker.py).
+        By the script's text, not its digest: one Redis lost would fail the hold alone."""
+        pipe.eval(_ADMIT, 2, day_key(charge.day), TOTAL_KEY, owner, model, charge.held, 0,
+                  self.ttl)
+
     def refund(self, owner: str, model: str, charge: Charge) -> None:
         """Undo `admit` for a request that was not queued after all."""
         self._refund(keys=[day_key(charge.day), TOTAL_KEY], args=[owner, model, charge.held])
