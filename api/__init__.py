@@ -26,11 +26,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     enable_cors(app, settings.cors_origin_list())
     register_error_handlers(app)
     from api import chat, docs, health, jobs, metrics, openai, responses, tokenize, usage
-    from api import adapters, batches, files
+    from api import adapters, batches, files, job_socket
 
     app.register_blueprint(docs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(job_socket.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(responses.bp)
     app.register_blueprint(chat.bp)
