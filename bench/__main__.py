@@ -5,7 +5,8 @@ huge prompts arrive (bench/responsive.py); with `--batch-lane` short requests' T
 running batch (bench/batch_lane.py); with `--engine` our engine's new defaults against its old
 ones on a 135M-shaped model (bench/engine_forward.py); with `--prefix` a conversation's next
 turn with and without the prefix cache (bench/prefix.py); with `--adapters` a batch mixing
-LoRA adapters against the bare base (bench/adapters.py)."""
+LoRA adapters against the bare base (bench/adapters.py); with `--job-path` a job's TTFT by the
+job API, the multiplexed job socket and the OpenAI SSE path (bench/job_path.py)."""
 import sys
 
 if "--backend" in sys.argv[1:]:
@@ -22,6 +23,8 @@ elif "--adapters" in sys.argv[1:]:
     from bench.adapters import main
 elif "--batch-lane" in sys.argv[1:]:
     from bench.batch_lane import main
+elif "--job-path" in sys.argv[1:]:
+    from bench.job_path import main
 else:
     from bench.pipeline import main
 
