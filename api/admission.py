@@ -153,11 +153,15 @@ class Admission:
             return self.claim_idempotency_key(key, job_id)
         return _replay(json.loads(existing), key.request)
 
-    def confirm_idempotency_key(self, key: IdempotencyKey | None, job_id: str) -> None:
-        """The job is queued: the key names it for as long as the job lives."""
+    def confirm_idempotency_key(self, key: IdempotencyKey | None, job_id: str,
+                                pipe: redis.client.Pipeline | None = None) -> None:
+        """The job is queued: the key names it for as long as the job lives. On `pipe`, the
+        MULTI that records and queues the job (api/broker.py): then no moment exists where the
+        job is queued and its key could lapse, to let a retry queue it twice."""
         if key is not None:
             claim = {"request": key.request, "job": job_id, "created": True}
-            self._redis.set(key.claim, json.dumps(claim), ex=self.settings.job_ttl_seconds)
+            (pipe or self._redis).set(key.claim, json.dumps(claim),
+                                      ex=self.settings.job_ttl_seconds)
 
     def release_idempotency_key(self, key: IdempotencyKey | None) -> None:
         """Forget the key of a submission that was refused, so its retry is admitted afresh."""

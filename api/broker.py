@@ -5,10 +5,11 @@ half a millisecond of the API's loop per call (kombu builds a Redis client for e
 and copies and declares the queue). When the broker is the job store's own Redis (Dawet's
 default), the API instead writes the message that kombu's Redis transport would write, Celery's
 task message in kombu's JSON envelope pushed onto the queue's list for its priority, in the
-same MULTI as the job's record (and a usage hold that nothing refuses), after it: the job is
-recorded before it is queued, all in one round trip. Other brokers (RabbitMQ, a Redis of their own) get the message from
-send_task, after the record. tests/test_broker.py holds the message to kombu's own.
-Celery's publish signals do not fire for it; Dawet connects none.
+same MULTI as the job's record (and a usage hold that nothing refuses, and the confirmation of
+its Idempotency-Key), after it: the job is recorded before it is queued, all in one round trip.
+Other brokers (RabbitMQ, a Redis of their own) get the message from send_task, after the
+record. tests/test_broker.py holds the message to kombu's own. Celery's publish signals do not
+fire for it; Dawet connects none.
 """
 from __future__ import annotations
 
@@ -31,6 +32,19 @@ WithJob = Callable[[redis.client.Pipeline], None]  # commands written with a job
 # kombu's Redis transport keeps a queue as one list per priority step (0, 3, 6, 9), named
 # <queue><sep><step> but for step 0, and pops 0's before 9's.
 KOMBU_REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def in_order(*commands: WithJob | None) -> WithJob | None:
+    """Commands to write with a job, these in turn (None: none)."""
+    present = [command for command in commands if command is not None]
+    if not present:
+        return None
+
+    def write(pipe: redis.client.Pipeline) -> None:
+        for command in present:
+            command(pipe)
+
+    return write
 
 
 def broker_is_job_store(settings: Settings) -> bool:

@@ -15,7 +15,7 @@ from flask import current_app
 
 from api.adapter_store import AdapterStore
 from api.admission import Admission, IdempotencyKey, request_idempotency_key, too_many
-from api.broker import JobQueue, WithJob
+from api.broker import JobQueue, WithJob, in_order
 from api.conversations import ConversationStore
 from api.errors import APIError, invalid, job_not_found
 from api.keys import KeyRing, KeyStore, Principal
@@ -118,17 +118,26 @@ class Services:
         existing = self.admission.claim_idempotency_key(key, job_id)
         if existing is not None:
             return self._replayed(existing)
+        confirm = None  # the key's confirmation, in the job's MULTI where the queue has one
+        if key is not None and self.queue.atomic:
+            confirm = functools.partial(self._confirm_in, key, job_id)
         try:
-            job = self._admit(who, request, require_worker, job_id)
+            job = self._admit(who, request, require_worker, job_id, confirm)
         except BaseException:
             self.admission.release_idempotency_key(key)
             raise
-        self.admission.confirm_idempotency_key(key, job.id)
+        if confirm is None:
+            self.admission.confirm_idempotency_key(key, job.id)
         return job
 
+    def _confirm_in(self, key: IdempotencyKey, job_id: str,
+                    pipe: redis.client.Pipeline) -> None:
+        self.admission.confirm_idempotency_key(key, job_id, pipe)
+
     def _admit(self, who: Principal, request: GenerationRequest, require_worker: bool,
-               job_id: str) -> Job:
-        """Check the request against the model and the limits, then queue it as `job_id`."""
+               job_id: str, with_job: WithJob | None = None) -> Job:
+        """Check the request against the model and the limits, then queue it as `job_id`
+        (with `with_job`, as `enqueue_charged` takes it)."""
         spec, prompt_ids, params = self.prepare(who, request)
         if require_worker and not self.workers.serves(spec.served_by):
             raise APIError(503, f"no worker serves model {spec.name} right now; retry shortly",
@@ -136,7 +145,7 @@ class Services:
         if self.settings.log_prompts:
             logger.info("job %s prompt: %r", job_id, request.prompt_input())
         return self.admit(who, spec, prompt_ids, params,
-                          getattr(request, "deadline_seconds", None), id=job_id)
+                          getattr(request, "deadline_seconds", None), with_job, id=job_id)
 
     def prepare(self, who: Principal, request: GenerationRequest
                 ) -> tuple[ModelSpec, list[int], SamplingParams]:
@@ -152,17 +161,19 @@ class Services:
 
     def admit(self, who: Principal, spec: ModelSpec, prompt_ids: list[int],
               params: SamplingParams, deadline_seconds: float | None = None,
-              **fields: Any) -> Job:
+              with_job: WithJob | None = None, **fields: Any) -> Job:
         """Apply the rate and queue limits, then queue the job as `enqueue_charged` does."""
         self.admission.check_rate(len(prompt_ids) + params.max_new_tokens)
         self.admission.check_queue(spec)
-        return self.enqueue_charged(who, spec, prompt_ids, params, deadline_seconds, **fields)
+        return self.enqueue_charged(who, spec, prompt_ids, params, deadline_seconds, with_job,
+                                    **fields)
 
     def enqueue_charged(self, who: Principal, spec: ModelSpec, prompt_ids: list[int],
                         params: SamplingParams, deadline_seconds: float | None = None,
-                        **fields: Any) -> Job:
+                        with_job: WithJob | None = None, **fields: Any) -> Job:
         """Hold the job's cost against `who`'s daily budget, then queue the job with its start
-        deadline, owned by `who`. Batch lines come here directly: the dispatcher bounds them.
+        deadline, owned by `who`, and `with_job` in its MULTI (only where the queue is atomic).
+        Batch lines come here directly: the dispatcher bounds them.
 
         A key without a budget has a hold that nothing refuses: where the queue writes a job
         in one MULTI, the hold goes into it, a round trip less (with the job or not at all, so
@@ -174,10 +185,12 @@ class Services:
             charge = Charge(day=today(), held=cost)
             hold = functools.partial(self.usage.hold_in, owner=who.name, model=spec.name,
                                      charge=charge)
-            return self.enqueue(spec, prompt_ids, params, charge=charge, with_job=hold, **fields)
+            return self.enqueue(spec, prompt_ids, params, charge=charge,
+                                with_job=in_order(hold, with_job), **fields)
         charge = self._charge(who, spec, cost)
         try:
-            return self.enqueue(spec, prompt_ids, params, charge=charge, **fields)
+            return self.enqueue(spec, prompt_ids, params, charge=charge, with_job=with_job,
+                                **fields)
         except BaseException:
             self._refund(who, spec, charge)
             raise

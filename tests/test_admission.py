@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+import redis
 import websocket
 from pydantic import ValidationError
 
@@ -142,6 +143,34 @@ def test_a_refused_submission_does_not_use_up_its_idempotency_key(api):
     assert good.status_code == 202
     assert api.post("/v1/generate", json={}, headers={"Idempotency-Key": "k" * 256}) \
         .status_code == 400
+
+
+def test_an_idempotency_key_is_confirmed_in_the_multi_that_queues_its_job(make_client, stack):
+    """No moment exists where the job is queued while its key is still a short claim: an API
+    process that died there would let a retry, once the claim lapsed, queue the job twice."""
+    monitor_client = redis.Redis.from_url(stack.settings.redis_url, decode_responses=True,
+                                          socket_timeout=10)  # a missing EXEC fails, not hangs
+    with monitor_client.monitor() as monitor:
+        reply = make_client().post("/v1/generate", json=SHORT,
+                                   headers={"Idempotency-Key": f"multi-{uuid.uuid4().hex}"})
+        assert reply.status_code == 202
+        record = f"dawet:job:{{{reply.json['id']}}}"
+        transactions: dict[tuple, list[str]] = {}  # a client's commands since its MULTI
+        while True:
+            command = monitor.next_command()
+            client = (command["client_address"], command["client_port"])
+            words = command["command"]
+            if words.upper() == "MULTI":
+                transactions[client] = []
+            elif words.upper() == "EXEC" and any(record in w for w in transactions.get(client, [])):
+                break
+            elif client in transactions:
+                transactions[client].append(words)
+    queued = transactions[client]
+    assert any(w.startswith(f"HSET {record}") for w in queued)
+    assert any(w.startswith("LPUSH dawet.") for w in queued)
+    assert any(w.startswith("SET dawet:idempotency:") and '"created": true' in w
+               for w in queued), queued
 
 
 def test_a_job_not_started_by_its_deadline_expires_without_running(stack, redis_client):
