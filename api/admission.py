@@ -195,10 +195,7 @@ def idempotency_key(raw: str | None, route: str, body: bytes) -> IdempotencyKey 
 
 
 def request_idempotency_key() -> IdempotencyKey | None:
-    """The HTTP request's Idempotency-Key header, bound to its method, path and body. A
-    WebSocket's handshake has none that counts: the job socket's submit frames carry their own."""
-    if request.headers.get("Upgrade", "").lower() == "websocket":
-        return None
+    """The HTTP request's Idempotency-Key header, bound to its method, path and body."""
     return idempotency_key(request.headers.get(IDEMPOTENCY_HEADER),
                            f"{request.method} {request.path}", request.get_data())
 

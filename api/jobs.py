@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, request, url_for
 from simple_websocket import ConnectionClosed
 
+from api.admission import request_idempotency_key
 from api.auth import principal, require_api_key
 from api.errors import APIError
 from api.extensions import sock
@@ -28,7 +29,7 @@ bp.before_request(require_api_key)
 def create_generation():
     """Validate a generation request and queue it as a job."""
     body = GenerateRequest.model_validate_json(request.get_data())
-    job = services().submit_generation(principal(), body)
+    job = services().submit_generation(principal(), body, idempotency=request_idempotency_key())
     status_url = url_for("jobs.get_job", job_id=job.id, _external=True)
     stream_url = url_for("jobs.stream_job", job_id=job.id, _external=True)
     return {"id": job.id, "model": job.model, "status": "queued", "status_url": status_url,

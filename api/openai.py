@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from api.admission import request_idempotency_key
 from api.auth import principal, require_api_key
 from api.errors import APIError, invalid
 from api.metrics import count_admission, counted_stream
@@ -246,7 +247,8 @@ def _complete(body: OpenAIRequest, shape: type[ChatShape] | type[TextShape]):
     """Submit the job; answer with its whole completion, or stream it."""
     svc = services()
     request, plan = with_tools(svc, body)
-    job = svc.submit_generation(principal(), request, require_worker=True)
+    job = svc.submit_generation(principal(), request, require_worker=True,
+                                idempotency=request_idempotency_key())
     reply = Reply(shape, job, body.include_usage, plan)
     if body.stream:
         headers = {JOB_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -16,6 +16,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from api.admission import request_idempotency_key
 from api.auth import principal, require_api_key
 from api.errors import APIError, invalid
 from api.keys import Principal
@@ -73,7 +74,8 @@ def create_response():
         InputItem(id=message.id or new_message_id(), role=message.role, text=message.text)
         for message in body.input]
     job = svc.submit_generation(who, ResponseInput(body, items),
-                                require_worker=not body.background)
+                                require_worker=not body.background,
+                                idempotency=request_idempotency_key())
     record = _record(job, body, items)
     if body.stored:
         svc.responses.save(record)

@@ -14,7 +14,7 @@ from celery import Celery
 from flask import current_app
 
 from api.adapter_store import AdapterStore
-from api.admission import Admission, IdempotencyKey, request_idempotency_key, too_many
+from api.admission import Admission, IdempotencyKey, too_many
 from api.broker import JobQueue, WithJob, in_order
 from api.conversations import ConversationStore
 from api.errors import APIError, invalid, job_not_found
@@ -110,29 +110,25 @@ class Services:
         """Validate against the model, admit, then record and queue the job for `who`.
 
         With `require_worker`, answer 503 rather than queue for a model no live worker serves.
-        A repeated Idempotency-Key (`idempotency`, else the HTTP request's header) returns the
-        job it first created.
+        A repeated Idempotency-Key (`idempotency`: the HTTP request's header, or a job socket's
+        submit frame's) returns the job it first created.
         """
         job_id = uuid.uuid4().hex
-        key = idempotency or request_idempotency_key()
-        existing = self.admission.claim_idempotency_key(key, job_id)
+        existing = self.admission.claim_idempotency_key(idempotency, job_id)
         if existing is not None:
             return self._replayed(existing)
         confirm = None  # the key's confirmation, in the job's MULTI where the queue has one
-        if key is not None and self.queue.atomic:
-            confirm = functools.partial(self._confirm_in, key, job_id)
+        if idempotency is not None and self.queue.atomic:
+            confirm = functools.partial(self.admission.confirm_idempotency_key, idempotency,
+                                        job_id)
         try:
             job = self._admit(who, request, require_worker, job_id, confirm)
         except BaseException:
-            self.admission.release_idempotency_key(key)
+            self.admission.release_idempotency_key(idempotency)
             raise
         if confirm is None:
-            self.admission.confirm_idempotency_key(key, job.id)
+            self.admission.confirm_idempotency_key(idempotency, job.id)
         return job
-
-    def _confirm_in(self, key: IdempotencyKey, job_id: str,
-                    pipe: redis.client.Pipeline) -> None:
-        self.admission.confirm_idempotency_key(key, job_id, pipe)
 
     def _admit(self, who: Principal, request: GenerationRequest, require_worker: bool,
                job_id: str, with_job: WithJob | None = None) -> Job:
