@@ -58,26 +58,14 @@ def _error_response(error: APIError):
 
 def register_error_handlers(app: Flask) -> None:
     """Turn every exception into the envelope; nothing reaches the client as a bare 500."""
-    app.register_error_handler(APIError, _error_response)
-    app.register_error_handler(ValidationError, lambda e: _error_response(from_validation_error(e)))
     app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(redis.RedisError, _unavailable)
-    app.register_error_handler(OperationalError, _unavailable)
-    app.register_error_handler(Exception, _internal_error)
+    app.register_error_handler(Exception, lambda exc: _error_response(as_api_error(exc)))
 
 
 def _http_error(exc: HTTPException):
     code = (exc.name or "error").lower().replace(" ", "_")
     kind = "invalid_request_error" if (exc.code or 500) < 500 else "server_error"
     return _error_response(APIError(exc.code or 500, exc.description or exc.name, code, kind))
-
-
-def _unavailable(exc: Exception):
-    return _error_response(as_api_error(exc))
-
-
-def _internal_error(exc: Exception):
-    return _error_response(as_api_error(exc))
 
 
 def as_api_error(exc: Exception) -> APIError:
