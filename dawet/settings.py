@@ -83,8 +83,10 @@ class Settings(BaseSettings):
     engine_process: bool = True
     # Most sequences in one batch; more jobs wait for a free slot.
     max_batch_size: int = Field(32, ge=1)
-    # KV-cache budget in tokens per worker: rows x the longest (prompt + max_new_tokens) in the
-    # batch stays under it; more jobs wait, and a job that alone exceeds it fails.
+    # KV-cache budget in tokens per worker. Our forward's KV pool holds exactly this many tokens
+    # and admits a job while all admitted jobs' (prompt + max_new_tokens) fit it; transformers'
+    # padded window keeps rows x the longest of them under it. More jobs wait, and a job that
+    # alone exceeds it fails.
     kv_cache_tokens: int = Field(65_536, ge=16)
     # Tokens whose KV our forward keeps after their request (prompts, and finished replies), so
     # that a later prompt starting the same way skips that part of its prefill: a conversation's

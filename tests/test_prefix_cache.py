@@ -141,6 +141,8 @@ def test_a_reply_that_ended_with_eos_is_kept_aligned_with_its_tokens(loaded):
         cached.close()
     assert hit.tokens == len(sequence) // BLOCK * BLOCK > len(history)  # the row's, kept
     with torch.inference_mode():
-        fresh = LlamaRunner(loaded).prefill([sequence]).cache.prompt_cache(0)[0]
+        runner = LlamaRunner(loaded)
+        runner.join_prefilled(runner.prefill([sequence]), [0])
+        fresh = runner.pool.read(runner.table.slots(0))[0]
     for kept, computed in zip(hit.keys, fresh):
         assert torch.allclose(kept, computed[:, :, :hit.tokens], atol=1e-4)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from model_store.loader import LoadedModel
-from tasks.engine.batching.model_runner import PromptPart, runner_for
+from tasks.engine.batching.model_runner import Computed, PromptPart, runner_for
 from tasks.engine.batching.prefix_cache import Hit
 from tasks.engine.batching.scheduler import (PACKED_PROMPT_TOKENS, Scheduler, prefill_groups,
                                              split_admitted)
@@ -64,7 +64,7 @@ class _Prefilling:
     """An admitted request whose prompt is being computed, a part per step on a runner that
     chunks; `start`: its tokens computed so far, with their keys and values."""
 
-    def __init__(self, sequence: _Sequence, start: Hit | None):
+    def __init__(self, sequence: _Sequence, start: Hit | Computed | None):
         self.sequence, self.start = sequence, start
 
     def next_part(self, budget: int | None) -> PromptPart:
@@ -89,7 +89,8 @@ class BatchingEngine:
                  after_steps: Callable[[], None] | None = None, inbox: Inbox | None = None,
                  pack_prompts: bool = True, forward: str = "auto", own_thread: bool = True,
                  prefix_cache_tokens: int = 0, max_loaded_adapters: int = 8):
-        self._runner = runner_for(loaded, forward, prefix_cache_tokens, max_loaded_adapters)
+        self._runner = runner_for(loaded, forward, kv_cache_tokens, prefix_cache_tokens,
+                                  max_loaded_adapters)
         self._device = loaded.device
         # prompts join a running batch inside its decode step, where the model allows it
         self._pack_prompts = pack_prompts and self._runner.packs
@@ -97,7 +98,7 @@ class BatchingEngine:
         self._chunks = self._pack_prompts and self._runner.chunks
         self._eos_ids = loaded.tokenizer.eos_token_ids
         self._grammars = Grammars.for_model(loaded)  # JSON Schemas, compiled at submit
-        self._scheduler = Scheduler(max_batch_size, kv_cache_tokens)
+        self._scheduler = Scheduler(max_batch_size, kv_cache_tokens, self._runner.paged)
         self._after_steps = after_steps  # called after a forward pass's steps reached sinks
         self._inbox = inbox  # read by the loop at each iteration; it blocks there when idle
         self._rows: list[_Sequence] = []
@@ -143,8 +144,8 @@ class BatchingEngine:
         return len(self._rows)
 
     def stats(self) -> EngineStats:
-        """Batch size, waiting requests and the share of the KV budget the padded batch holds."""
-        held = len(self._rows) * self._runner.width
+        """Batch size, waiting requests and the share of the KV budget the cache holds."""
+        held = self._runner.kv_tokens()
         prefixes, adapters = self._runner.prefixes, self._runner.adapters
         return EngineStats(len(self._rows), len(self._scheduler.waiting),
                            min(held / self.kv_cache_tokens, 1.0),
@@ -228,6 +229,7 @@ class BatchingEngine:
         stopped = [p for p in self._prefilling if p.sequence.request.stopped]
         for prefilling in stopped:
             prefilling.sequence.request.deliver(CANCELLED_STEP)
+            self._runner.release(prefilling.start)
         self._prefilling = [p for p in self._prefilling if p not in stopped]
 
     def _steps_delivered(self) -> None:
@@ -254,8 +256,12 @@ class BatchingEngine:
             for request in group:
                 request.deliver(exc)
             return
-        going = [i for i, (sequence, token) in enumerate(zip(sequences, tokens))
-                 if not self._accept(sequence, token)]
+        going = []
+        for index, (sequence, token) in enumerate(zip(sequences, tokens)):
+            if self._accept(sequence, token):
+                self._runner.discard(prefill.cache, index)
+            else:
+                going.append(index)
         if going:
             self._runner.join_prefilled(prefill, going)
             self._rows.extend(sequences[i] for i in going)
@@ -284,6 +290,8 @@ class BatchingEngine:
                 raise
             # a prompt may be what failed: prefilled apart, a failure fails its own requests
             logger.exception("a packed decode step failed; its prompts prefill apart")
+            for prefilling, _ in parts:
+                self._runner.release(prefilling.start)
             self._prefilling = [p for p in self._prefilling if all(p is not q for q, _ in parts)]
             for group in prefill_groups([p.sequence.request for p, _ in parts]):
                 self._prefill(group)
@@ -330,7 +338,9 @@ class BatchingEngine:
         self._evict([i for i, done in enumerate(ended[:rows]) if done])
         self.packed_prompts += len(joiners)
         for index, joiner, ended_now in zip(finals, joiners, ended[rows:]):
-            if not ended_now:
+            if ended_now:
+                self._runner.discard(packed, index)
+            else:
                 self._runner.join_packed(packed, index)
                 self._rows.append(joiner)
 

@@ -1,4 +1,5 @@
-"""The running batch's KV cache, preallocated so that a decode step writes in place.
+"""The running batch's KV cache on transformers' forward, preallocated so that a decode step
+writes in place (our Llama forward keeps its KV in a pool of token slots instead: kv_pool.py).
 
 transformers' DynamicCache concatenates each layer's whole cache with the new column at every
 step, so a step copied the batch's entire KV cache. Here each layer has buffers of shape

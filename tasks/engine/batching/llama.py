@@ -4,7 +4,7 @@ Profiled on a 2-core CPU with SmolLM2-135M's shape, transformers' forward spent 
 decode step in Python and small ops (module calls, cache objects, masks, 25-odd ops a layer)
 than in its seven GEMMs a layer. Here a layer is two norms, three GEMMs (q, k and v fused; gate
 and up fused; down) plus the output projection, rotary embedding from a precomputed table and
-attention straight on the batch's cache (kv_cache.py). On CPUs that do bf16 in hardware (AMX,
+attention on the KV pool's slots (kv_pool.py). On CPUs that do bf16 in hardware (AMX,
 AVX-512 bf16) the weights are prepacked for oneDNN, which was about 1.6x faster than plain
 `linear` at every batch size, and most of all with one row.
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from model_store.loader import cpu_has_native_bf16
 from model_store.registry import Backend, Quantization
-from tasks.engine.batching.kv_cache import KVBatch
+from tasks.engine.batching.kv_pool import KVPool, PassSlots
 from tasks.engine.batching.lora import Shapes, StepAdapters
 from tasks.engine.batching.packed import PackedStep
 
@@ -122,17 +122,17 @@ class LlamaForward:
         self.scaling = self.head_dim ** -0.5
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
-                 step: PackedStep, kv: KVBatch, row_mask: torch.Tensor | None,
+                 step: PackedStep, pool: KVPool, slots: PassSlots,
                  adapters: StepAdapters | None = None) -> torch.Tensor:
         """Logits (kept tokens, vocab) of one packed pass: `step.rows` rows' tokens, then its
-        prompts'. The rows' keys and values go to `kv`'s open column (`row_mask`: kv.grow());
-        the prompts' are held in `step`. `adapters`: the LoRA adapters its tokens run with."""
+        prompts'. Every token's keys and values go to its slot in `pool` (`slots`).
+        `adapters`: the LoRA adapters its tokens run with."""
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         for index, layer in enumerate(self.layers):
             project = _Projector(index, adapters)
             attended = self._attention(index, layer, self._rms(x, layer.norm_in), cos, sin, step,
-                                       kv, row_mask, project)
+                                       pool, slots, project)
             x = x + project(layer.out, "out", attended)
             gate, up = project(layer.gate_up, "gate_up",
                                self._rms(x, layer.norm_post)).chunk(2, dim=-1)
@@ -145,42 +145,55 @@ class LlamaForward:
         return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def _attention(self, index: int, layer: _Layer, h: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, step: PackedStep, kv: KVBatch,
-                   row_mask: torch.Tensor | None, project: _Projector) -> torch.Tensor:
+                   sin: torch.Tensor, step: PackedStep, pool: KVPool, slots: PassSlots,
+                   project: _Projector) -> torch.Tensor:
         tokens, d = h.shape[0], self.head_dim
         q, k, v = project(layer.qkv, "qkv", h).split(
             [self.heads * d, self.kv_heads * d, self.kv_heads * d], -1)
         q = _rotate(q.view(tokens, self.heads, d), cos, sin)
         k = _rotate(k.view(tokens, self.kv_heads, d), cos, sin)
         v = v.view(tokens, self.kv_heads, d)
+        pool.write(index, slots.written, k, v)
         rows, parts = step.rows, []
-        if rows:  # each row's one token attends to its window of the batch's cache
-            keys, values = kv.write(index, k[:rows].unsqueeze(2), v[:rows].unsqueeze(2))
-            out = F.scaled_dot_product_attention(q[:rows].unsqueeze(2), keys, values, row_mask,
-                                                 scale=self.scaling, enable_gqa=True)
-            parts.append(out.reshape(rows, -1))
-        if step.prompts:  # each prompt attends causally to itself, its cached start included
-            prompt_k = k[rows:].transpose(0, 1).unsqueeze(0)
-            prompt_v = v[rows:].transpose(0, 1).unsqueeze(0)
-            step.hold(index, prompt_k, prompt_v)
-            prompt_q = q[rows:].transpose(0, 1).unsqueeze(0)
-            for number, (start, end) in enumerate(step.spans):
-                parts.append(self._prompt_attention(
-                    prompt_q[:, :, start:end], prompt_k[:, :, start:end],
-                    prompt_v[:, :, start:end], step, number, index))
+        if rows:  # each row's one token attends to its slots, this step's included
+            keys, values = pool.gather(index, slots.rows)
+            parts.append(self._row_attention(q[:rows], keys, values, slots.row_bias))
+        for number, (start, end) in enumerate(step.spans):  # each prompt part, causally
+            span = slice(rows + start, rows + end)
+            parts.append(self._prompt_attention(q[span], k[span], v[span], pool, index,
+                                                slots.contexts[number], step.offsets[number]))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
+    def _row_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+        """Each row's one query, (rows, heads, dim), against its keys and values (rows, kv
+        heads, columns, dim) → (rows, heads x dim). One row has no padding: torch's flash
+        kernel. Several: two batched matmuls, scores in float32 (as transformers' eager
+        attention): with one query a row, the flash kernel took 4x as long at 16 rows."""
+        rows = q.shape[0]
+        if rows == 1:
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
+                                                 scale=self.scaling, enable_gqa=True)
+            return out.reshape(1, -1)
+        grouped = q.view(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * self.scaling + bias
+        weights = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(weights, values).reshape(rows, -1)
+
     def _prompt_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          step: PackedStep, number: int, layer: int) -> torch.Tensor:
-        """Prompt `number`'s attention (1, heads, tokens, dim) → (tokens, heads x dim): causal
-        over its own tokens, after every cached token of its start."""
-        mask, causal, hit = None, True, step.context.get(number)
-        if hit is not None:
-            k, v = torch.cat((hit.keys[layer], k), dim=2), torch.cat((hit.values[layer], v), dim=2)
-            step.hold_whole(number, layer, k, v)
+                          pool: KVPool, layer: int, context: torch.Tensor | None,
+                          offset: int) -> torch.Tensor:
+        """A prompt part's attention, (tokens, heads, dim) → (tokens, heads x dim): causal
+        over its own tokens, after the `offset` tokens before it (in `context`'s slots, which
+        end with the part's own)."""
+        q, mask, causal = q.transpose(0, 1).unsqueeze(0), None, True
+        if context is None:  # a prompt's first part: its own keys are all it attends to
+            k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        else:
+            k, v = pool.gather(layer, context[None])
             tokens = q.shape[2]
-            mask = torch.ones(tokens, tokens + hit.tokens, dtype=torch.bool,
-                              device=q.device).tril(diagonal=hit.tokens)
+            mask = torch.ones(tokens, tokens + offset, dtype=torch.bool,
+                              device=q.device).tril(diagonal=offset)
             causal = False
         out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, scale=self.scaling,
                                              enable_gqa=True)

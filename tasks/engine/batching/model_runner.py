@@ -3,7 +3,9 @@
 Like vLLM's ModelRunner it decides nothing: the engine tells it which prompts to prefill and
 which rows decode, and it returns logits. A prefill runs prompts left-padded in one pass; a
 decode step runs one column for every row, with joining prompts packed into the same pass
-(packed.py). The running rows' cache lives in the preallocated KVBatch (kv_cache.py).
+(packed.py). On transformers' forward the running rows' cache is a padded window (KVBatch,
+kv_cache.py); on ours every sequence's tokens hold slots of a pool sized at the budget
+(kv_pool.py).
 
 ModelRunner runs transformers' own forward, which serves any model; LlamaRunner runs ours
 (llama.py) for the Llama family, where every pass is packed and a prefill needs no padding, and
@@ -17,10 +19,11 @@ import torch
 
 from model_store.adapters import AdapterUnavailable
 from tasks.engine.batching.kv_cache import KVBatch
+from tasks.engine.batching.kv_pool import KVPool, PassSlots, SlotTable
 from tasks.engine.batching.llama import LlamaForward, supports
 from tasks.engine.batching.lora import AdapterCache, LoadedAdapter, StepAdapters, read_adapter
 from tasks.engine.batching.packed import PackedStep, can_pack, packed_attention_on
-from tasks.engine.batching.prefix_cache import Hit, PrefixCache
+from tasks.engine.batching.prefix_cache import BLOCK, Hit, PrefixCache
 from tasks.jobs.contract import LoraAdapter
 
 Adapters = list[LoadedAdapter | None]  # a pass's sequences' LoRA adapters (None: the base's)
@@ -47,14 +50,25 @@ class Prefill:
         self.logits, self.cache, self.mask = logits, cache, mask
 
 
-def runner_for(loaded, forward: str = "auto", prefix_cache_tokens: int = 0,
-               max_loaded_adapters: int = 8) -> ModelRunner:
+def runner_for(loaded, forward: str = "auto", kv_cache_tokens: int = 65_536,
+               prefix_cache_tokens: int = 0, max_loaded_adapters: int = 8) -> ModelRunner:
     """Our forward where it serves the model and `forward` is auto, else transformers'. Ours
-    keeps up to `prefix_cache_tokens` tokens' KV for prompts that start the same way, and up to
-    `max_loaded_adapters` LoRA adapters beyond those running."""
+    holds `kv_cache_tokens` tokens' KV in its pool, keeps up to `prefix_cache_tokens` tokens'
+    KV for prompts that start the same way, and up to `max_loaded_adapters` LoRA adapters
+    beyond those running."""
     if forward == "auto" and supports(loaded):
-        return LlamaRunner(loaded, prefix_cache_tokens, max_loaded_adapters)
+        return LlamaRunner(loaded, kv_cache_tokens, prefix_cache_tokens, max_loaded_adapters)
     return ModelRunner(loaded.model, loaded.device, can_pack(loaded))
+
+
+@dataclass
+class Computed:
+    """A prompt's first `tokens` tokens, computed by earlier steps: their keys and values are in
+    these pool slots (kv_pool.py), which the prompt owns until it joins the batch or is
+    released."""
+
+    tokens: int
+    slots: list[int]
 
 
 @dataclass
@@ -64,7 +78,7 @@ class PromptPart:
     logits for it are its next token's only when the part is final."""
 
     ids: list[int]
-    start: Hit | None = None
+    start: Hit | Computed | None = None
     end: int | None = None
     adapter: LoadedAdapter | None = None  # the LoRA adapter its prompt runs with
 
@@ -86,6 +100,7 @@ class ModelRunner:
     compute part of a prompt (PromptPart), for a chunked prefill."""
 
     chunks = False
+    paged = False  # whether a request is charged its reservation (kv_pool.py), not the window
     prefixes: PrefixCache | None = None  # the KV of earlier sequences, where the runner keeps it
     adapters: AdapterCache | None = None  # the LoRA adapters loaded, where the runner serves them
 
@@ -140,13 +155,19 @@ class ModelRunner:
         none here."""
         return None
 
-    def started(self, packed: PackedStep, index: int, part: PromptPart) -> Hit:
+    def started(self, packed: PackedStep, index: int, part: PromptPart) -> Computed:
         """A non-final part's prompt as its next part starts from (a runner that chunks)."""
         raise NotImplementedError("this runner computes whole prompts only")
 
     def join_packed(self, packed: PackedStep, index: int) -> None:
         """The `index`-th packed prompt joins the running batch's cache as a new row."""
         self.kv.add_rows(*packed.prompt_cache(index))
+
+    def discard(self, packed: PackedStep, index: int) -> None:
+        """The `index`-th prompt of the pass ended at its first token: it never joins."""
+
+    def release(self, start: Hit | Computed | None) -> None:
+        """A prompt dropped before its last part: what it computed is freed."""
 
     def remember(self, row: int, tokens: list[int], adapter: LoadedAdapter | None = None) -> None:
         """A row about to leave the batch, whose cache holds the first of `tokens` (all but a
@@ -165,24 +186,32 @@ class ModelRunner:
         """Drop every row (after a failed step)."""
         self.kv = KVBatch(self.device)
 
-    @property
-    def width(self) -> int:
-        return self.kv.width
+    def kv_tokens(self) -> int:
+        """Tokens' worth of KV the cache holds now: here rows x the window, padding included."""
+        return self.kv.rows * self.kv.width
 
     def _column(self, values: list[int]) -> torch.Tensor:
         return torch.tensor([[value] for value in values], device=self.device)
 
 
 class LlamaRunner(ModelRunner):
-    """The runner on our own forward (llama.py): a prefill is a packed pass with no rows; a
-    prompt's cached start (prefix_cache.py) is not computed again, and a long prompt can be
+    """The runner on our own forward (llama.py), over a pool of KV slots sized at the budget
+    (kv_pool.py): a prefill is a packed pass with no rows; a prompt's cached start
+    (prefix_cache.py) is copied into its slots, not computed again, and a long prompt can be
     computed a part per step (chunked prefill: PromptPart)."""
 
     chunks = True
+    paged = True
 
-    def __init__(self, loaded, prefix_cache_tokens: int = 0, max_loaded_adapters: int = 8):
-        super().__init__(loaded.model, loaded.device, packs=True)
+    def __init__(self, loaded, kv_cache_tokens: int = 65_536, prefix_cache_tokens: int = 0,
+                 max_loaded_adapters: int = 8):
+        self.model, self.device, self.packs = loaded.model, loaded.device, True
         self.forward = forward = LlamaForward(loaded, loaded.spec.context_length)
+        self.pool = KVPool(len(forward.layers), forward.kv_heads, forward.head_dim,
+                           kv_cache_tokens, forward.dtype, loaded.device)
+        self.table = SlotTable(loaded.device)
+        self._opened: list[int] | None = None  # the rows' slots for a step not yet advanced
+        self._placed: list[list[int]] = []  # the last pass's prompts' slots, up to each part's end
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.adapters = AdapterCache(max_loaded_adapters, lambda path: read_adapter(
             path, forward.shapes, len(forward.layers), forward.dtype, loaded.device))
@@ -199,7 +228,7 @@ class LlamaRunner(ModelRunner):
         parts = [PromptPart(prompt, self.cached_start(prompt, adapter), adapter=adapter)
                  for prompt, adapter in zip(prompts, adapters)]
         step = self._step(0, parts)
-        return Prefill(self._pass(step, parts, [], [], None, []), step, None)
+        return Prefill(self._pass(step, parts, [], [], []), step, None)
 
     def join_prefilled(self, prefill: Prefill, rows: list[int]) -> None:
         for index in rows:
@@ -213,43 +242,120 @@ class LlamaRunner(ModelRunner):
     def decode_parts(self, tokens: list[int], positions: list[int], parts: list[PromptPart],
                      row_adapters: Adapters | None = None) -> tuple[torch.Tensor, PackedStep]:
         step = self._step(len(tokens), parts)
-        return self._pass(step, parts, tokens, positions, self.kv.grow() if tokens else None,
+        return self._pass(step, parts, tokens, positions,
                           row_adapters or [None] * len(tokens)), step
 
-    def started(self, packed: PackedStep, index: int, part: PromptPart) -> Hit:
-        keys, values = packed.prompt_cache(index)
-        if index not in packed.context:  # views of the step's tensors: copies of its own
-            keys, values = [k.clone() for k in keys], [v.clone() for v in values]
-        return Hit(part.end, keys, values)
+    def started(self, packed: PackedStep, index: int, part: PromptPart) -> Computed:
+        return Computed(part.end, self._placed[index])
+
+    def join_packed(self, packed: PackedStep, index: int) -> None:
+        self.table.add(self._placed[index])
+
+    def discard(self, packed: PackedStep, index: int) -> None:
+        self.pool.release(self._placed[index])
+
+    def release(self, start: Hit | Computed | None) -> None:
+        if isinstance(start, Computed):
+            self.pool.release(start.slots)
 
     def remember(self, row: int, tokens: list[int], adapter: LoadedAdapter | None = None) -> None:
         if self.prefixes is not None:
-            keys, values = self.kv.row_cache(row)
-            self.prefixes.keep(tokens[:keys[0].shape[2]], keys, values, copy=True,
-                               namespace=_namespace(adapter))
+            self._keep_prefix(tokens, self.table.slots(row), adapter)
+
+    def advance(self) -> None:
+        self.table.advance()
+        self._opened = None
+
+    def keep(self, rows: list[int]) -> list[int]:
+        order, dropped = self.table.keep(rows)
+        for slots in dropped:
+            self.pool.release(slots)
+        return order
+
+    def reset(self) -> None:
+        self.pool.release_all()
+        self.table, self._opened, self._placed = SlotTable(self.device), None, []
+
+    def kv_tokens(self) -> int:
+        return self.pool.used
 
     def _step(self, rows: int, parts: list[PromptPart]) -> PackedStep:
         """A packed step for the rows and these prompts' parts, each after its start."""
         return PackedStep(rows, [part.ids[part.done:part.end] for part in parts],
-                          [part.done for part in parts],
-                          {index: part.start for index, part in enumerate(parts) if part.start})
+                          [part.done for part in parts])
 
     def _pass(self, step: PackedStep, parts: list[PromptPart], tokens: list[int],
-              positions: list[int], row_mask: torch.Tensor | None,
-              row_adapters: Adapters) -> torch.Tensor:
+              positions: list[int], row_adapters: Adapters) -> torch.Tensor:
         inputs = step.inputs(tokens, positions, self.device)
         adapters = StepAdapters.of([*row_adapters, *(part.adapter for part in parts)],
                                    [1] * len(tokens) + [part.end - part.done for part in parts],
                                    self.device, self.adapters)
-        logits = self.forward(inputs["input_ids"][0], inputs["position_ids"][0],
-                              inputs["logits_to_keep"], step, self.kv, row_mask, adapters)
+        fresh: list[int] = []  # the slots this pass takes for its prompts
+        try:
+            slots = self._place(parts, len(tokens), fresh)
+            logits = self.forward(inputs["input_ids"][0], inputs["position_ids"][0],
+                                  inputs["logits_to_keep"], step, self.pool, slots, adapters)
+        except BaseException:
+            self.pool.release(fresh)  # a Computed start stays its prompt's; the rows' column too
+            self._placed = []
+            raise
         if self.prefixes is not None:
-            for index, part in enumerate(parts):  # a cached start's prompt owns its tensors
+            for part, placed in zip(parts, self._placed):
                 if part.final:
-                    self.prefixes.keep(part.ids, *step.prompt_cache(index),
-                                       copy=part.start is None,
-                                       namespace=_namespace(part.adapter))
+                    self._keep_prefix(part.ids, placed, part.adapter)
         return logits
+
+    def _place(self, parts: list[PromptPart], rows: int, fresh: list[int]) -> PassSlots:
+        """Take slots for the pass's tokens: a new column for the rows (the one opened before,
+        if the step is retried), and each prompt part's, after its start's (a cached start is
+        copied into slots of its own first)."""
+        slots = PassSlots(torch.tensor([], dtype=torch.long), contexts=[])
+        written: list[int] = []
+        if rows:
+            self._open_column(rows)
+            slots.rows, slots.row_bias = self.table.open_column(self._opened)
+            written += self._opened
+        self._placed = []
+        for part in parts:
+            before = self._start_slots(part.start, fresh)
+            new = self.pool.allocate(part.end - part.done)
+            fresh += new
+            written += new
+            self._placed.append(before + new)
+            slots.contexts.append(torch.tensor(before + new, device=self.device) if before
+                                  else None)
+        slots.written = torch.tensor(written, device=self.device)
+        return slots
+
+    def _open_column(self, rows: int) -> None:
+        """Slots for the rows' next tokens. A step retried (its pass failed) reuses those it
+        opened; rows that joined meanwhile (prefilled apart) are the last ones."""
+        opened = self._opened or []
+        if len(opened) < rows:
+            opened = opened + self.pool.allocate(rows - len(opened))
+        self.pool.release(opened[rows:])
+        self._opened = opened[:rows]
+
+    def _start_slots(self, start: Hit | Computed | None, fresh: list[int]) -> list[int]:
+        """The slots of a part's start: a Computed start's own, a cached one's copied in."""
+        if start is None:
+            return []
+        if isinstance(start, Computed):
+            return start.slots
+        taken = self.pool.allocate(start.tokens)
+        fresh += taken
+        index = torch.tensor(taken, device=self.device)
+        for layer, (keys, values) in enumerate(zip(start.keys, start.values)):
+            self.pool.write(layer, index, keys[0].transpose(0, 1), values[0].transpose(0, 1))
+        return taken
+
+    def _keep_prefix(self, tokens: list[int], slots: list[int],
+                     adapter: LoadedAdapter | None) -> None:
+        """Keep a sequence's full blocks of computed tokens in the prefix cache (a copy)."""
+        length = min(len(tokens), len(slots)) // BLOCK * BLOCK
+        if length:
+            self.prefixes.keep(tokens[:length], *self.pool.read(slots[:length]), copy=False,
+                               namespace=_namespace(adapter))
 
 
 def _namespace(adapter: LoadedAdapter | None) -> int:

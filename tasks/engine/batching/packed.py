@@ -24,7 +24,6 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from model_store.registry import Backend
-from tasks.engine.batching.prefix_cache import Hit
 
 ATTENTION = "dawet_packed"
 
@@ -33,18 +32,15 @@ ATTENTION = "dawet_packed"
 class PackedStep:
     """One packed forward pass: `rows` running rows' tokens, then the joining prompts'.
 
-    A prompt whose start was cached (prefix_cache.py, our forward only) passes only its rest:
-    its cached tokens' count is its offset, and their keys and values its context."""
+    A prompt whose start was computed already (a cached prefix or an earlier part, on our
+    forward only) passes only its rest: the tokens before it are its offset."""
 
     rows: int
     prompts: list[list[int]]
     offsets: list[int] = field(default_factory=list)  # per prompt: tokens before it; none: 0
-    context: dict[int, Hit] = field(default_factory=dict)  # prompt index: its cached start
     spans: list[tuple[int, int]] = field(init=False)  # each prompt's [start, end) after the rows
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer: (1, heads, tokens, dim)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
-    # (prompt index, layer): a prompt with a cached start's keys and values, that start included
-    whole: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self):
         ends = list(itertools.accumulate(len(prompt) for prompt in self.prompts))
@@ -67,19 +63,10 @@ class PackedStep:
         """Hold a layer's prompt keys and values (1, heads, prompt tokens, dim)."""
         self.keys[layer], self.values[layer] = keys, values
 
-    def hold_whole(self, index: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Hold the keys and values of prompt `index`, which has a cached start, for a layer:
-        (1, heads, its cached and new tokens, dim), as its attention joined them."""
-        self.whole[index, layer] = keys, values
-
     def prompt_cache(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Prompt `index`'s keys and values, (1, heads, its length, dim) for each layer, its
-        cached start's included. Views of the step's tensors, but for a prompt with a cached
-        start: tensors of its own."""
+        """Prompt `index`'s keys and values, (1, heads, its length, dim) for each layer: views
+        of the step's tensors."""
         layers = sorted(self.keys)
-        if index in self.context:
-            return ([self.whole[index, i][0] for i in layers],
-                    [self.whole[index, i][1] for i in layers])
         start, end = self.spans[index]
         return ([self.keys[i][:, :, start:end] for i in layers],
                 [self.values[i][:, :, start:end] for i in layers])

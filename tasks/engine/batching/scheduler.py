@@ -19,8 +19,9 @@ PACKED_PROMPT_TOKENS = 256  # the most prompt tokens that join one decode step (
 class Scheduler:
     """The waiting queue and the admission policy; safe to add to from any thread."""
 
-    def __init__(self, max_batch_size: int, kv_cache_tokens: int):
+    def __init__(self, max_batch_size: int, kv_cache_tokens: int, paged: bool = False):
         self.max_batch_size, self.kv_cache_tokens = max_batch_size, kv_cache_tokens
+        self.paged = paged  # a request takes its own tokens' slots (kv_pool.py), not a window
         self.waiting: deque[Request] = deque()
         self.wakeup = threading.Condition()
         self.closed = False
@@ -60,10 +61,11 @@ class Scheduler:
             return admitted
 
     def _fits(self, requests: list[Request]) -> bool:
-        """Whether these rows fit: the padded cache is at most rows x longest reservation."""
-        longest = max(r.reserved_tokens for r in requests)
-        return len(requests) <= self.max_batch_size and \
-            len(requests) * longest <= self.kv_cache_tokens
+        """Whether these rows fit the budget: in a pool of slots, their reservations together;
+        in a padded window, rows x the longest reservation."""
+        reserved = [r.reserved_tokens for r in requests]
+        charged = sum(reserved) if self.paged else len(reserved) * max(reserved)
+        return len(requests) <= self.max_batch_size and charged <= self.kv_cache_tokens
 
     def fail_waiting(self, error: BaseException) -> None:
         with self.wakeup:

@@ -1,0 +1,163 @@
+"""The KV cache of our Llama forward: one pool of token slots, allocated once at its budget.
+
+The padded window (kv_cache.py) held rows x the longest row's tokens, in buffers that grew by
+doubling, so its memory followed the batch's longest row rather than DAWET_KV_CACHE_TOKENS.
+Here each layer's keys and values live in one tensor of `capacity` token slots (vLLM's blocks
+with a block size of one; SGLang's token pool). A sequence owns the slots of its computed
+tokens, in no particular order; a row's slots are a row of the slot table. The scheduler
+admits a request only while the tokens all admitted ones reserve (prompt plus max_new_tokens)
+fit the capacity, so a growing sequence always finds a free slot, and a finished one frees its
+slots at once: nothing moves or widens.
+
+Attention reads a layer's slots through a gather into a padded (rows, heads, columns, dim)
+tensor. That gather is the one transient copy: one layer's at a time, of the running rows'
+tokens (each row padded to the longest), freed before the next layer's. Padding points at
+slot 0, which holds zeros, so masked columns stay finite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD = 0  # the slot padding points at: zeros, never allocated
+MIN_ROWS, MIN_COLUMNS = 8, 64  # the slot table's first size; it doubles from there
+
+
+class KVPool:
+    """Every layer's keys and values, (capacity + 1, kv heads, head dim), and the free slots.
+    Slots first: a gather copies a slot's heads as one run (3x faster than heads first, for 16
+    rows of SmolLM2-135M's shape)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.capacity, self.device = capacity, device
+        shape = (capacity + 1, kv_heads, head_dim)
+        # empty: a slot is read only once written, so pages are touched as the cache fills
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        for tensor in (*self.keys, *self.values):
+            tensor[PAD].zero_()
+        self._free = list(range(capacity, PAD, -1))  # popped from the end: low slots first
+
+    @property
+    def used(self) -> int:
+        """Slots that hold a sequence's token."""
+        return self.capacity - len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):  # the scheduler's reservations make this a bug
+            raise RuntimeError(f"the KV pool has {len(self._free)} free slots, {count} asked")
+        taken = self._free[len(self._free) - count:]
+        del self._free[len(self._free) - count:]
+        return taken
+
+    def release(self, slots: list[int]) -> None:
+        self._free.extend(slots)
+
+    def release_all(self) -> None:
+        self._free = list(range(self.capacity, PAD, -1))
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """Store tokens' keys and values (tokens, kv heads, dim) in their slots (tokens,)."""
+        self.keys[layer].index_copy_(0, slots, keys)
+        self.values[layer].index_copy_(0, slots, values)
+
+    def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values in the slots of `index` (rows, columns), as (rows, kv heads,
+        columns, dim): a copy, of one layer."""
+        rows, columns = index.shape
+        flat = index.reshape(-1)
+        _, heads, dim = self.keys[layer].shape
+        return tuple(pool[layer].index_select(0, flat).view(rows, columns, heads, dim)
+                     .transpose(1, 2) for pool in (self.keys, self.values))
+
+    def read(self, slots: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """A sequence's keys and values per layer, (1, kv heads, tokens, dim): copies."""
+        index = torch.tensor([slots], device=self.device)
+        pairs = [self.gather(layer, index) for layer in range(len(self.keys))]
+        return [keys for keys, _ in pairs], [values for _, values in pairs]
+
+
+@dataclass
+class PassSlots:
+    """Where a packed pass's keys and values go, and what each of its parts attends to."""
+
+    written: torch.Tensor  # (tokens,): each packed token's slot, the rows' first
+    rows: torch.Tensor | None = None  # (rows, columns): each row's slots, this step's included
+    # (rows, 1, 1, columns), float32: 0 where a row attends, -inf on its padding
+    row_bias: torch.Tensor | None = None
+    # per prompt part: its prompt's slots up to the part's end, when tokens came before it
+    contexts: list[torch.Tensor | None] | None = None
+
+
+class SlotTable:
+    """The running rows' slots, row by row, in a table that pads with PAD."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.lengths: list[int] = []  # each row's computed tokens
+        self._table = torch.full((MIN_ROWS, MIN_COLUMNS), PAD, dtype=torch.long, device=device)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def add(self, slots: list[int]) -> None:
+        """A new last row, holding these slots' tokens."""
+        self._make_room(self.rows + 1, len(slots) + 1)
+        self._table[self.rows, :len(slots)] = torch.tensor(slots, device=self.device)
+        self.lengths.append(len(slots))
+
+    def slots(self, row: int) -> list[int]:
+        return self._table[row, :self.lengths[row]].tolist()
+
+    def open_column(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Give each row one more slot, for the token this step computes; return the rows'
+        slots with it (rows, columns) and the attention bias (rows, 1, 1, columns: -inf on a
+        row's padding). The column joins the rows at `advance()`; a step retried before that
+        opens the same one again."""
+        rows, width = self.rows, max(self.lengths) + 1
+        self._make_room(rows, width)
+        lengths = torch.tensor(self.lengths, device=self.device)
+        self._table[torch.arange(rows, device=self.device), lengths] = torch.tensor(
+            slots, device=self.device)
+        padding = torch.arange(width, device=self.device) > lengths[:, None]
+        bias = torch.zeros((rows, 1, 1, width), device=self.device).masked_fill_(
+            padding[:, None, None, :], float("-inf"))
+        return self._table[:rows, :width], bias
+
+    def advance(self) -> None:
+        """The opened column is written: every row is one longer."""
+        self.lengths = [length + 1 for length in self.lengths]
+
+    def keep(self, rows: list[int]) -> tuple[list[int], list[list[int]]]:
+        """Keep only these rows (ascending), filling each freed slot with a row from the end.
+        Returns the kept rows' old indices in their new order, and the slots of those dropped."""
+        kept, keeping = len(rows), set(rows)
+        dropped = [self.slots(i) for i in range(self.rows) if i not in keeping]
+        order = list(range(kept))
+        holes = [i for i in range(kept) if i not in keeping]
+        movers = [i for i in rows if i >= kept]
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if holes:
+            self._table[holes] = self._table[movers]
+        self._table[kept:self.rows] = PAD
+        self.lengths = [self.lengths[i] for i in order]
+        return order, dropped
+
+    def _make_room(self, rows: int, columns: int) -> None:
+        capacity_rows, capacity_columns = self._table.shape
+        if rows <= capacity_rows and columns <= capacity_columns:
+            return
+        while rows > capacity_rows:
+            capacity_rows *= 2
+        while columns > capacity_columns:
+            capacity_columns *= 2
+        table = torch.full((capacity_rows, capacity_columns), PAD, dtype=torch.long,
+                           device=self.device)
+        old_rows, old_columns = self._table.shape
+        table[:old_rows, :old_columns] = self._table
+        self._table = table
