@@ -90,7 +90,9 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(65_536, ge=16)
     # Tokens whose KV our forward keeps after their request (prompts, and finished replies), so
     # that a later prompt starting the same way skips that part of its prefill: a conversation's
-    # next turn, a shared system prompt. Least recently used out first; 0: no prefix cache.
+    # next turn, a shared system prompt. They stay in the KV pool (kv_cache_tokens), of which
+    # this caps their share; least recently used out first, and first out when running jobs
+    # need the slots. 0: no prefix cache.
     prefix_cache_tokens: int = Field(16_384, ge=0)
     # LoRA adapters a worker's engine keeps loaded (each model's registry `adapters`, and those
     # added at run time) beyond those its running requests use; the least recently used goes.

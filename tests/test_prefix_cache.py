@@ -13,6 +13,7 @@ from model_store.loader import LoadedModel, load_model
 from model_store.registry import load_registry
 from tasks.engine.batching.engine import BatchingEngine
 from tasks.engine.batching.model_runner import LlamaRunner
+from tasks.engine.batching.kv_pool import KVPool
 from tasks.engine.batching.prefix_cache import BLOCK, PrefixCache
 from tasks.engine.interface import iterate
 from tasks.jobs.contract import SamplingParams
@@ -20,20 +21,20 @@ from tasks.jobs.contract import SamplingParams
 GREEDY = SamplingParams(max_new_tokens=24, min_new_tokens=24, temperature=0.0, top_p=1.0)
 
 
-def _kv(tokens: int, layers: int = 2) -> list[torch.Tensor]:
-    """Keys (or values) whose every entry is its token's position, per layer."""
-    column = torch.arange(tokens, dtype=torch.float32).view(1, 1, tokens, 1)
-    return [column.expand(1, 2, tokens, 4).clone() for _ in range(layers)]
+def _pool(capacity: int = 1000) -> KVPool:
+    return KVPool(layers=1, kv_heads=1, head_dim=2, capacity=capacity, dtype=torch.float32,
+                  device=torch.device("cpu"))
 
 
 def test_a_lookup_takes_the_longest_kept_block_prefix_and_leaves_a_token_to_compute():
-    cache = PrefixCache(capacity_tokens=1000)
-    kept = list(range(100, 150))  # 50 tokens: 3 full blocks kept
-    cache.keep(kept, _kv(50), _kv(50), copy=True)
-    assert cache.tokens == 3 * BLOCK
+    pool = _pool()
+    cache = PrefixCache(capacity_tokens=1000, pool=pool)
+    kept, slots = list(range(100, 150)), pool.allocate(50)  # 50 tokens: 3 full blocks kept
+    cache.keep(kept, slots)
+    pool.release(slots)
+    assert cache.tokens == pool.cached == pool.used + 3 * BLOCK == 3 * BLOCK  # no copy
     hit = cache.lookup(kept[:40] + [7, 8, 9])  # shares 40 tokens: 2 blocks
-    assert hit.tokens == 2 * BLOCK and hit.keys[0].shape == (1, 2, 2 * BLOCK, 4)
-    assert torch.equal(hit.keys[1][0, 0, :, 0], torch.arange(2 * BLOCK, dtype=torch.float32))
+    assert hit.tokens == 2 * BLOCK and hit.slots == slots[:2 * BLOCK]
     assert cache.lookup(kept[:48]).tokens == 2 * BLOCK  # the whole prompt would leave nothing
     assert cache.lookup(kept[:49]).tokens == 3 * BLOCK
     assert cache.lookup([1] + kept) is None  # a different first block: nothing shared
@@ -41,17 +42,37 @@ def test_a_lookup_takes_the_longest_kept_block_prefix_and_leaves_a_token_to_comp
 
 
 def test_the_least_recently_used_sequence_goes_first_when_the_budget_is_full():
-    cache = PrefixCache(capacity_tokens=4 * BLOCK)
+    pool = _pool()
+    cache = PrefixCache(capacity_tokens=4 * BLOCK, pool=pool)
     first, second, third = ([n] * (2 * BLOCK) for n in (1, 2, 3))
-    cache.keep(first, _kv(2 * BLOCK), _kv(2 * BLOCK), copy=True)
-    cache.keep(second, _kv(2 * BLOCK), _kv(2 * BLOCK), copy=True)
+    for tokens in (first, second):
+        cache.keep(tokens, pool.allocate(2 * BLOCK))
     assert cache.lookup(first + [0]) is not None  # first is now the most recently used
-    cache.keep(third, _kv(2 * BLOCK), _kv(2 * BLOCK), copy=True)
+    cache.keep(third, pool.allocate(2 * BLOCK))
     assert cache.tokens == 4 * BLOCK
     assert cache.lookup(second + [0]) is None
     assert cache.lookup(first + [0]) is not None and cache.lookup(third + [0]) is not None
-    cache.keep(first, _kv(2 * BLOCK), _kv(2 * BLOCK), copy=True)  # kept already: no change
+    cache.keep(first, pool.allocate(2 * BLOCK))  # kept already: no change
     assert cache.tokens == 4 * BLOCK
+
+
+def test_kept_sequences_give_their_slots_up_when_running_requests_need_them():
+    """Memory pressure: the pool's free slots ran out, so the least recently used kept
+    sequences go, but never a slot a sequence still holds. (Each allocate stands for the
+    slots a row computed.)"""
+    pool = _pool(capacity=6 * BLOCK)
+    cache = PrefixCache(capacity_tokens=6 * BLOCK, pool=pool)
+    old, shared = pool.allocate(2 * BLOCK), pool.allocate(2 * BLOCK)
+    cache.keep([1] * 2 * BLOCK, old)
+    cache.keep([2] * 2 * BLOCK, shared)
+    pool.release(old)  # the row that computed `old` left; `shared`'s row runs on
+    assert pool.free == 2 * BLOCK and pool.cached == 4 * BLOCK
+    taken = pool.allocate(3 * BLOCK)  # more than is free: `old` is evicted for it
+    assert cache.lookup([1] * 2 * BLOCK + [0]) is None and set(old) <= set(taken)
+    with pytest.raises(RuntimeError, match="free slots"):
+        pool.allocate(2 * BLOCK)  # evicting `shared` frees nothing: its row holds it
+    assert cache.lookup([2] * 2 * BLOCK + [0]) is None  # evicted all the same
+    assert pool.used == 5 * BLOCK and pool.cached == 0
 
 
 @pytest.fixture(scope="module")
@@ -144,5 +165,37 @@ def test_a_reply_that_ended_with_eos_is_kept_aligned_with_its_tokens(loaded):
         runner = LlamaRunner(loaded)
         runner.join_prefilled(runner.prefill([sequence]), [0])
         fresh = runner.pool.read(runner.table.slots(0))[0]
-    for kept, computed in zip(hit.keys, fresh):
+    for kept, computed in zip(cached._runner.pool.read(hit.slots)[0], fresh):
         assert torch.allclose(kept, computed[:, :, :hit.tokens], atol=1e-4)
+
+
+def test_a_full_pool_evicts_cached_prefixes_for_new_requests_whose_replies_stay_exact(loaded):
+    history = _history(loaded)
+    plain = _engine(loaded, 0)
+    prompts = [loaded.tokenizer.encode(f"Cerita {i}: nasi, teh dan pasar. " * 3) for i in range(3)]
+    try:
+        alone = [_reply(plain, prompt) for prompt in prompts]
+    finally:
+        plain.close()
+    budget = 3 * (len(prompts[0]) + GREEDY.max_new_tokens) + 8
+    small = BatchingEngine(loaded, max_batch_size=4, kv_cache_tokens=budget,
+                           prefix_cache_tokens=budget)
+    try:
+        _reply(small, history)  # its prompt and reply are kept: most of the pool
+        assert small.stats().prefix_cache.tokens >= len(history) // BLOCK * BLOCK
+        replies: list = [None] * len(prompts)
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(
+            i, _reply(small, prompts[i]))) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert replies == alone  # they needed the cached slots, and got them
+        # the cache's own budget is the pool's: only the pool's pressure evicted the history
+        assert small._runner.prefixes.lookup(history + [5]) is None
+        deadline = time.monotonic() + 10
+        while small._runner.pool.used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert small._runner.pool.used == 0
+    finally:
+        small.close()

@@ -23,7 +23,6 @@ import torch
 
 from model_store.loader import LoadedModel
 from tasks.engine.batching.model_runner import Computed, PromptPart, runner_for
-from tasks.engine.batching.prefix_cache import Hit
 from tasks.engine.batching.scheduler import (PACKED_PROMPT_TOKENS, Scheduler, prefill_groups,
                                              split_admitted)
 from tasks.engine.interface import (CANCELLED_STEP, EndCallback, EngineStats, Request, StepSink,
@@ -64,7 +63,7 @@ class _Prefilling:
     """An admitted request whose prompt is being computed, a part per step on a runner that
     chunks; `start`: its tokens computed so far, with their keys and values."""
 
-    def __init__(self, sequence: _Sequence, start: Hit | Computed | None):
+    def __init__(self, sequence: _Sequence, start: Computed | None):
         self.sequence, self.start = sequence, start
 
     def next_part(self, budget: int | None) -> PromptPart:

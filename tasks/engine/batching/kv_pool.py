@@ -16,6 +16,7 @@ slot 0, which holds zeros, so masked columns stay finite.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,10 @@ MIN_ROWS, MIN_COLUMNS = 8, 64  # the slot table's first size; it doubles from th
 
 
 class KVPool:
-    """Every layer's keys and values, (capacity + 1, kv heads, head dim), and the free slots.
+    """Every layer's keys and values, (capacity + 1, kv heads, head dim), and who holds each
+    slot: the sequences that use it (a prompt that hit the prefix cache shares its slots) and
+    the prefix cache (prefix_cache.py). A slot neither holds is free.
+
     Slots first: a gather copies a slot's heads as one run (3x faster than heads first, for 16
     rows of SmolLM2-135M's shape)."""
 
@@ -38,25 +42,62 @@ class KVPool:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         for tensor in (*self.keys, *self.values):
             tensor[PAD].zero_()
-        self._free = list(range(capacity, PAD, -1))  # popped from the end: low slots first
+        # called with a count of slots when fewer are free: the prefix cache evicts for them
+        self.reclaim: Callable[[int], None] = lambda count: None
+        self.release_all()
 
     @property
-    def used(self) -> int:
-        """Slots that hold a sequence's token."""
-        return self.capacity - len(self._free)
+    def free(self) -> int:
+        return len(self._free)
+
+    def release_all(self) -> None:
+        """Every slot free, whoever held it (the prefix cache must forget its own first)."""
+        self._free = list(range(self.capacity, PAD, -1))  # popped from the end: low slots first
+        self._users = [0] * (self.capacity + 1)  # per slot: sequences that hold it
+        self._kept = [0] * (self.capacity + 1)  # per slot: kept sequences (prefix cache) with it
+        self.used = 0  # slots some sequence holds
+        self.cached = 0  # slots the prefix cache holds
 
     def allocate(self, count: int) -> list[int]:
+        """Free slots for a sequence's new tokens; under pressure the prefix cache evicts."""
+        if count > len(self._free):
+            self.reclaim(count)
         if count > len(self._free):  # the scheduler's reservations make this a bug
             raise RuntimeError(f"the KV pool has {len(self._free)} free slots, {count} asked")
         taken = self._free[len(self._free) - count:]
         del self._free[len(self._free) - count:]
+        self.share(taken)
         return taken
 
-    def release(self, slots: list[int]) -> None:
-        self._free.extend(slots)
+    def share(self, slots: list[int]) -> None:
+        """A sequence holds these slots too (a prompt's cached start)."""
+        for slot in slots:
+            self._users[slot] += 1
+            self.used += self._users[slot] == 1
 
-    def release_all(self) -> None:
-        self._free = list(range(self.capacity, PAD, -1))
+    def release(self, slots: list[int]) -> None:
+        """A sequence lets go of its slots."""
+        for slot in slots:
+            self._users[slot] -= 1
+            if not self._users[slot]:
+                self.used -= 1
+                if not self._kept[slot]:
+                    self._free.append(slot)
+
+    def cache(self, slots: list[int]) -> None:
+        """A sequence the prefix cache keeps holds these slots (kept sequences may overlap)."""
+        for slot in slots:
+            self._kept[slot] += 1
+            self.cached += self._kept[slot] == 1
+
+    def uncache(self, slots: list[int]) -> None:
+        """A kept sequence the prefix cache evicts lets go of its slots."""
+        for slot in slots:
+            self._kept[slot] -= 1
+            if not self._kept[slot]:
+                self.cached -= 1
+                if not self._users[slot]:
+                    self._free.append(slot)
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor) -> None:
@@ -113,16 +154,18 @@ class SlotTable:
     def slots(self, row: int) -> list[int]:
         return self._table[row, :self.lengths[row]].tolist()
 
-    def open_column(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def open_column(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Give each row one more slot, for the token this step computes; return the rows'
         slots with it (rows, columns) and the attention bias (rows, 1, 1, columns: -inf on a
-        row's padding). The column joins the rows at `advance()`; a step retried before that
-        opens the same one again."""
+        row's padding; None for one row, which has none). The column joins the rows at
+        `advance()`; a step retried before that opens the same one again."""
         rows, width = self.rows, max(self.lengths) + 1
         self._make_room(rows, width)
         lengths = torch.tensor(self.lengths, device=self.device)
         self._table[torch.arange(rows, device=self.device), lengths] = torch.tensor(
             slots, device=self.device)
+        if rows == 1:
+            return self._table[:1, :width], None
         padding = torch.arange(width, device=self.device) > lengths[:, None]
         bias = torch.zeros((rows, 1, 1, width), device=self.device).masked_fill_(
             padding[:, None, None, :], float("-inf"))

@@ -165,13 +165,13 @@ class LlamaForward:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _row_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                       bias: torch.Tensor) -> torch.Tensor:
+                       bias: torch.Tensor | None) -> torch.Tensor:
         """Each row's one query, (rows, heads, dim), against its keys and values (rows, kv
         heads, columns, dim) → (rows, heads x dim). One row has no padding: torch's flash
-        kernel. Several: two batched matmuls, scores in float32 (as transformers' eager
+        kernel. Several: two batched matmuls and a float32 softmax (as transformers' eager
         attention): with one query a row, the flash kernel took 4x as long at 16 rows."""
         rows = q.shape[0]
-        if rows == 1:
+        if bias is None:
             out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
                                                  scale=self.scaling, enable_gqa=True)
             return out.reshape(1, -1)

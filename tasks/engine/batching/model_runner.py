@@ -23,7 +23,7 @@ from tasks.engine.batching.kv_pool import KVPool, PassSlots, SlotTable
 from tasks.engine.batching.llama import LlamaForward, supports
 from tasks.engine.batching.lora import AdapterCache, LoadedAdapter, StepAdapters, read_adapter
 from tasks.engine.batching.packed import PackedStep, can_pack, packed_attention_on
-from tasks.engine.batching.prefix_cache import BLOCK, Hit, PrefixCache
+from tasks.engine.batching.prefix_cache import PrefixCache
 from tasks.jobs.contract import LoraAdapter
 
 Adapters = list[LoadedAdapter | None]  # a pass's sequences' LoRA adapters (None: the base's)
@@ -78,7 +78,7 @@ class PromptPart:
     logits for it are its next token's only when the part is final."""
 
     ids: list[int]
-    start: Hit | Computed | None = None
+    start: Computed | None = None
     end: int | None = None
     adapter: LoadedAdapter | None = None  # the LoRA adapter its prompt runs with
 
@@ -150,9 +150,10 @@ class ModelRunner:
         assert all(part.start is None and part.final for part in parts)
         return self.decode(tokens, positions, [part.ids for part in parts])
 
-    def cached_start(self, prompt: list[int], adapter: LoadedAdapter | None = None) -> Hit | None:
-        """The start of `prompt` (run with `adapter`) whose keys and values are cached already:
-        none here."""
+    def cached_start(self, prompt: list[int],
+                     adapter: LoadedAdapter | None = None) -> Computed | None:
+        """The start of `prompt` (run with `adapter`) whose keys and values are cached already,
+        held for the prompt until it joins the batch or is released: none here."""
         return None
 
     def started(self, packed: PackedStep, index: int, part: PromptPart) -> Computed:
@@ -166,7 +167,7 @@ class ModelRunner:
     def discard(self, packed: PackedStep, index: int) -> None:
         """The `index`-th prompt of the pass ended at its first token: it never joins."""
 
-    def release(self, start: Hit | Computed | None) -> None:
+    def release(self, start: Computed | None) -> None:
         """A prompt dropped before its last part: what it computed is freed."""
 
     def remember(self, row: int, tokens: list[int], adapter: LoadedAdapter | None = None) -> None:
@@ -212,16 +213,22 @@ class LlamaRunner(ModelRunner):
         self.table = SlotTable(loaded.device)
         self._opened: list[int] | None = None  # the rows' slots for a step not yet advanced
         self._placed: list[list[int]] = []  # the last pass's prompts' slots, up to each part's end
-        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.prefixes = (PrefixCache(prefix_cache_tokens, self.pool) if prefix_cache_tokens
+                         else None)
         self.adapters = AdapterCache(max_loaded_adapters, lambda path: read_adapter(
             path, forward.shapes, len(forward.layers), forward.dtype, loaded.device))
 
     def adapter(self, ref: LoraAdapter, in_use: set[LoadedAdapter]) -> LoadedAdapter:
         return self.adapters.get(ref, in_use)
 
-    def cached_start(self, prompt: list[int], adapter: LoadedAdapter | None = None) -> Hit | None:
-        return (self.prefixes.lookup(prompt, _namespace(adapter))
-                if self.prefixes is not None else None)
+    def cached_start(self, prompt: list[int],
+                     adapter: LoadedAdapter | None = None) -> Computed | None:
+        hit = (self.prefixes.lookup(prompt, _namespace(adapter))
+               if self.prefixes is not None else None)
+        if hit is None:
+            return None
+        self.pool.share(hit.slots)  # the prompt's now: eviction cannot free them under it
+        return Computed(hit.tokens, hit.slots)
 
     def prefill(self, prompts: list[list[int]], adapters: Adapters | None = None) -> Prefill:
         adapters = adapters or [None] * len(prompts)
@@ -254,8 +261,8 @@ class LlamaRunner(ModelRunner):
     def discard(self, packed: PackedStep, index: int) -> None:
         self.pool.release(self._placed[index])
 
-    def release(self, start: Hit | Computed | None) -> None:
-        if isinstance(start, Computed):
+    def release(self, start: Computed | None) -> None:
+        if start is not None:
             self.pool.release(start.slots)
 
     def remember(self, row: int, tokens: list[int], adapter: LoadedAdapter | None = None) -> None:
@@ -273,6 +280,8 @@ class LlamaRunner(ModelRunner):
         return order
 
     def reset(self) -> None:
+        if self.prefixes is not None:
+            self.prefixes.clear()
         self.pool.release_all()
         self.table, self._opened, self._placed = SlotTable(self.device), None, []
 
@@ -317,7 +326,7 @@ class LlamaRunner(ModelRunner):
             written += self._opened
         self._placed = []
         for part in parts:
-            before = self._start_slots(part.start, fresh)
+            before = part.start.slots if part.start is not None else []
             new = self.pool.allocate(part.end - part.done)
             fresh += new
             written += new
@@ -336,26 +345,10 @@ class LlamaRunner(ModelRunner):
         self.pool.release(opened[rows:])
         self._opened = opened[:rows]
 
-    def _start_slots(self, start: Hit | Computed | None, fresh: list[int]) -> list[int]:
-        """The slots of a part's start: a Computed start's own, a cached one's copied in."""
-        if start is None:
-            return []
-        if isinstance(start, Computed):
-            return start.slots
-        taken = self.pool.allocate(start.tokens)
-        fresh += taken
-        index = torch.tensor(taken, device=self.device)
-        for layer, (keys, values) in enumerate(zip(start.keys, start.values)):
-            self.pool.write(layer, index, keys[0].transpose(0, 1), values[0].transpose(0, 1))
-        return taken
-
     def _keep_prefix(self, tokens: list[int], slots: list[int],
                      adapter: LoadedAdapter | None) -> None:
-        """Keep a sequence's full blocks of computed tokens in the prefix cache (a copy)."""
-        length = min(len(tokens), len(slots)) // BLOCK * BLOCK
-        if length:
-            self.prefixes.keep(tokens[:length], *self.pool.read(slots[:length]), copy=False,
-                               namespace=_namespace(adapter))
+        """Keep a sequence's full blocks of computed tokens in the prefix cache: its slots."""
+        self.prefixes.keep(tokens, slots, _namespace(adapter))
 
 
 def _namespace(adapter: LoadedAdapter | None) -> int:

@@ -1,25 +1,26 @@
-"""Keys and values of token sequences the engine has seen, so a prompt that starts the same way
-skips that part of its prefill: a conversation's next turn (its history was the last turn's
-prompt and reply), a system prompt many users share, a regenerated reply.
+"""Token sequences the engine has seen, whose keys and values stay in the KV pool's slots
+(kv_pool.py), so that a prompt that starts the same way skips that part of its prefill: a
+conversation's next turn (its history was the last turn's prompt and reply), a system prompt
+many users share, a regenerated reply.
 
 Sequences are kept whole, cut to full blocks of BLOCK tokens: a prompt once it is prefilled, a
-row once it leaves the batch (its prompt and reply). Each block-aligned prefix of a kept
-sequence is indexed by a hash chained over its blocks, as vLLM's block hashes are, so a lookup
-walks the prompt's blocks and takes the longest prefix some kept sequence shares; the tokens
-are compared too, so a hash collision can never hand out another prefix's cache. Kept
-sequences are evicted least recently used first when a new one would exceed the budget in
-tokens. A shared prefix is stored once per sequence that holds it: simpler than blocks shared
-by reference, at the cost of memory the budget bounds. A sequence's KV depends on the LoRA
-adapter it ran with, so each adapter's sequences hash in a namespace of their own (vLLM adds
-the LoRA id to its block hashes alike).
+row once it leaves the batch (its prompt and reply). Keeping one copies nothing: the cache
+holds a reference on its slots, and a prompt that hits shares them, as vLLM's blocks are
+shared. Each block-aligned prefix of a kept sequence is indexed by a hash chained over its
+blocks, as vLLM's block hashes are, so a lookup walks the prompt's blocks and takes the
+longest prefix some kept sequence shares; the tokens are compared too, so a hash collision can
+never hand out another prefix's cache. Kept sequences are evicted least recently used first
+when the slots the cache holds would exceed its budget, and when the pool needs free slots for
+running requests (memory pressure). A sequence's KV depends on the LoRA adapter it ran with,
+so each adapter's sequences hash in a namespace of their own (vLLM adds the LoRA id to its
+block hashes alike).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-
+from tasks.engine.batching.kv_pool import KVPool
 from tasks.engine.interface import PrefixCacheStats
 
 BLOCK = 16  # tokens per block: the unit of a match
@@ -28,35 +29,39 @@ BLOCK = 16  # tokens per block: the unit of a match
 @dataclass
 class _Kept:
     tokens: list[int]
-    keys: list[torch.Tensor]  # per layer (1, kv heads, tokens, head dim)
-    values: list[torch.Tensor]
+    slots: list[int]  # the KV pool's slots of its tokens, in order
     namespace: int
 
 
 @dataclass
 class Hit:
-    """The first `tokens` tokens of a prompt, and their keys and values for each layer."""
+    """The first `tokens` tokens of a prompt, and the pool slots that hold their KV."""
 
     tokens: int
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    slots: list[int]
 
 
 class PrefixCache:
-    """Kept sequences' KV by block-aligned prefix, least recently used out first."""
+    """Kept sequences' slots by block-aligned prefix, least recently used out first."""
 
-    def __init__(self, capacity_tokens: int):
-        self.capacity_tokens = capacity_tokens
-        self.tokens = 0  # tokens kept, over all sequences
+    def __init__(self, capacity_tokens: int, pool: KVPool):
+        self.capacity_tokens, self.pool = capacity_tokens, pool
         self.queried_tokens = 0  # prompt tokens looked up, and those a hit covered
         self.hit_tokens = 0
         self._kept: OrderedDict[int, _Kept] = OrderedDict()  # by id, oldest use first
         self._index: dict[int, tuple[int, int]] = {}  # prefix hash: (kept id, its blocks)
         self._next_id = 0
+        pool.reclaim = self._make_free
+
+    @property
+    def tokens(self) -> int:
+        """Tokens (slots) the cache holds."""
+        return self.pool.cached
 
     def lookup(self, prompt: list[int], namespace: int = 0) -> Hit | None:
         """The longest prefix of `prompt` kept in `namespace` that leaves at least its last token
-        to compute (a prefill must yield logits), or None."""
+        to compute (a prefill must yield logits), or None. A hit's slots stay valid until the
+        cache changes: share them (KVPool.share) before that."""
         self.queried_tokens += len(prompt)
         best: tuple[int, int] | None = None
         for blocks, digest in enumerate(_chain(prompt[:len(prompt) - 1], namespace), start=1):
@@ -72,37 +77,42 @@ class PrefixCache:
             return None
         self._kept.move_to_end(kept_id)
         self.hit_tokens += length
-        return Hit(length, [k[:, :, :length] for k in kept.keys],
-                   [v[:, :, :length] for v in kept.values])
+        return Hit(length, kept.slots[:length])
 
-    def keep(self, tokens: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
-             copy: bool, namespace: int = 0) -> None:
-        """Keep a sequence's full blocks in `namespace`: `keys` and `values` per layer (1, kv
-        heads, at least its tokens, head dim). `copy` them when they are views of a larger
-        tensor, which they would otherwise keep alive, or of a buffer that changes."""
-        length = len(tokens) // BLOCK * BLOCK
+    def keep(self, tokens: list[int], slots: list[int], namespace: int = 0) -> None:
+        """Keep a sequence's full blocks in `namespace`: its tokens and the slots of (at least)
+        their KV. The cache takes a reference on the slots; nothing is copied."""
+        length = min(len(tokens), len(slots)) // BLOCK * BLOCK
         if length == 0 or length > self.capacity_tokens:
             return
         digests = list(_chain(tokens[:length], namespace))
         if digests[-1] in self._index:  # some kept sequence holds this whole prefix already
             self._kept.move_to_end(self._index[digests[-1]][0])
             return
-        while self.tokens + length > self.capacity_tokens:
-            self._evict_oldest()
         kept_id, self._next_id = self._next_id, self._next_id + 1
-        cut = (lambda t: t[:, :, :length].clone()) if copy else (lambda t: t[:, :, :length])
-        self._kept[kept_id] = _Kept(tokens[:length], [cut(k) for k in keys],
-                                    [cut(v) for v in values], namespace)
-        self.tokens += length
+        self._kept[kept_id] = _Kept(tokens[:length], slots[:length], namespace)
+        self.pool.cache(slots[:length])
         for blocks, digest in enumerate(digests, start=1):
             self._index[digest] = (kept_id, blocks)
+        while self.pool.cached > self.capacity_tokens:
+            self._evict_oldest()
+
+    def clear(self) -> None:
+        while self._kept:
+            self._evict_oldest()
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self.tokens, self.queried_tokens, self.hit_tokens)
 
+    def _make_free(self, count: int) -> None:
+        """Evict the least recently used sequences until the pool has `count` free slots, or
+        nothing is kept (the pool's slots under pressure)."""
+        while self._kept and self.pool.free < count:
+            self._evict_oldest()
+
     def _evict_oldest(self) -> None:
         kept_id, kept = self._kept.popitem(last=False)
-        self.tokens -= len(kept.tokens)
+        self.pool.uncache(kept.slots)
         for digest in _chain(kept.tokens, kept.namespace):
             if self._index.get(digest, (None,))[0] == kept_id:
                 del self._index[digest]
