@@ -6,7 +6,9 @@ running batch (bench/batch_lane.py); with `--engine` our engine's new defaults a
 ones on a 135M-shaped model (bench/engine_forward.py); with `--prefix` a conversation's next
 turn with and without the prefix cache (bench/prefix.py); with `--adapters` a batch mixing
 LoRA adapters against the bare base (bench/adapters.py); with `--job-path` a job's TTFT by the
-job API, the multiplexed job socket and the OpenAI SSE path (bench/job_path.py)."""
+job API, the multiplexed job socket and the OpenAI SSE path (bench/job_path.py); with
+`--kv-memory` the KV cache's memory on a mixed batch, pool against padded window
+(bench/kv_memory.py)."""
 import sys
 
 if "--backend" in sys.argv[1:]:
@@ -25,6 +27,8 @@ elif "--batch-lane" in sys.argv[1:]:
     from bench.batch_lane import main
 elif "--job-path" in sys.argv[1:]:
     from bench.job_path import main
+elif "--kv-memory" in sys.argv[1:]:
+    from bench.kv_memory import main
 else:
     from bench.pipeline import main
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 PAD = 0  # the slot padding points at: zeros, never allocated
@@ -53,8 +54,9 @@ class KVPool:
     def release_all(self) -> None:
         """Every slot free, whoever held it (the prefix cache must forget its own first)."""
         self._free = list(range(self.capacity, PAD, -1))  # popped from the end: low slots first
-        self._users = [0] * (self.capacity + 1)  # per slot: sequences that hold it
-        self._kept = [0] * (self.capacity + 1)  # per slot: kept sequences (prefix cache) with it
+        # per slot, counted in arrays (a 1,500-token prompt's slots in one operation):
+        self._users = np.zeros(self.capacity + 1, dtype=np.int32)  # sequences that hold it
+        self._kept = np.zeros(self.capacity + 1, dtype=np.int32)  # kept sequences with it
         self.used = 0  # slots some sequence holds
         self.cached = 0  # slots the prefix cache holds
 
@@ -71,33 +73,23 @@ class KVPool:
 
     def share(self, slots: list[int]) -> None:
         """A sequence holds these slots too (a prompt's cached start)."""
-        for slot in slots:
-            self._users[slot] += 1
-            self.used += self._users[slot] == 1
+        self.used += _hold(self._users, slots)
 
     def release(self, slots: list[int]) -> None:
         """A sequence lets go of its slots."""
-        for slot in slots:
-            self._users[slot] -= 1
-            if not self._users[slot]:
-                self.used -= 1
-                if not self._kept[slot]:
-                    self._free.append(slot)
+        gone = _let_go(self._users, slots)
+        self.used -= len(gone)
+        self._free.extend(gone[self._kept[gone] == 0].tolist())
 
     def cache(self, slots: list[int]) -> None:
         """A sequence the prefix cache keeps holds these slots (kept sequences may overlap)."""
-        for slot in slots:
-            self._kept[slot] += 1
-            self.cached += self._kept[slot] == 1
+        self.cached += _hold(self._kept, slots)
 
     def uncache(self, slots: list[int]) -> None:
         """A kept sequence the prefix cache evicts lets go of its slots."""
-        for slot in slots:
-            self._kept[slot] -= 1
-            if not self._kept[slot]:
-                self.cached -= 1
-                if not self._users[slot]:
-                    self._free.append(slot)
+        gone = _let_go(self._kept, slots)
+        self.cached -= len(gone)
+        self._free.extend(gone[self._users[gone] == 0].tolist())
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor) -> None:
@@ -119,6 +111,21 @@ class KVPool:
         index = torch.tensor([slots], device=self.device)
         pairs = [self.gather(layer, index) for layer in range(len(self.keys))]
         return [keys for keys, _ in pairs], [values for _, values in pairs]
+
+
+def _hold(counts: np.ndarray, slots: list[int]) -> int:
+    """Count one more holder of each slot (a list without repeats); return how many slots had
+    none before."""
+    index = np.asarray(slots, dtype=np.int64)
+    counts[index] += 1
+    return int(np.count_nonzero(counts[index] == 1))
+
+
+def _let_go(counts: np.ndarray, slots: list[int]) -> np.ndarray:
+    """Count one holder fewer of each slot; return the slots that have none now."""
+    index = np.asarray(slots, dtype=np.int64)
+    counts[index] -= 1
+    return index[counts[index] == 0]
 
 
 @dataclass
