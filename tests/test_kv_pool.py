@@ -182,3 +182,31 @@ def test_a_prompt_cancelled_between_its_parts_gives_its_slots_back(loaded):
         assert engine._runner.pool.used == 0
     finally:
         engine.close()
+
+
+def test_a_failed_pass_gives_back_its_slots_and_its_prompts_cached_starts(loaded, monkeypatch):
+    """The pass fails in the packed step, then again in the prefill apart that follows it:
+    the request ends with the error, and neither its new slots nor the cached start it shared
+    stay held; the engine serves on."""
+    engine = BatchingEngine(loaded, max_batch_size=4, kv_cache_tokens=20_000,
+                            prefix_cache_tokens=4096)
+    prompt = loaded.tokenizer.encode("Saya suka makan nasi goreng dan minum teh manis " * 4)
+    runner, failures = engine._runner, []
+    forward = runner.forward
+
+    def failing_twice(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(True)
+            raise MemoryError("out of memory")
+        return forward(*args, **kwargs)
+    try:
+        list(iterate(engine, prompt, _greedy(4)))  # its prompt and reply are cached now
+        monkeypatch.setattr(runner, "forward", failing_twice)
+        hits = runner.prefixes.hit_tokens
+        with pytest.raises(MemoryError):
+            list(iterate(engine, prompt + [5, 6, 7], _greedy(4)))
+        assert len(failures) == 2 and runner.prefixes.hit_tokens > hits  # a start was shared
+        assert runner.pool.used == 0
+        assert len(list(iterate(engine, prompt + [5, 6, 7], _greedy(4)))) == 4
+    finally:
+        engine.close()

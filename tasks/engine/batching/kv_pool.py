@@ -17,7 +17,7 @@ slot 0, which holds zeros, so masked columns stay finite.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -134,10 +134,10 @@ class PassSlots:
 
     written: torch.Tensor  # (tokens,): each packed token's slot, the rows' first
     rows: torch.Tensor | None = None  # (rows, columns): each row's slots, this step's included
-    # (rows, 1, 1, columns), float32: 0 where a row attends, -inf on its padding
+    # (rows, 1, 1, columns), float32: 0 where a row attends, -inf on its padding; one row: None
     row_bias: torch.Tensor | None = None
     # per prompt part: its prompt's slots up to the part's end, when tokens came before it
-    contexts: list[torch.Tensor | None] | None = None
+    contexts: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class SlotTable:

@@ -198,7 +198,7 @@ class ModelRunner:
 class LlamaRunner(ModelRunner):
     """The runner on our own forward (llama.py), over a pool of KV slots sized at the budget
     (kv_pool.py): a prefill is a packed pass with no rows; a prompt's cached start
-    (prefix_cache.py) is copied into its slots, not computed again, and a long prompt can be
+    (prefix_cache.py) shares the cache's slots, not computed again, and a long prompt can be
     computed a part per step (chunked prefill: PromptPart)."""
 
     chunks = True
@@ -235,7 +235,12 @@ class LlamaRunner(ModelRunner):
         parts = [PromptPart(prompt, self.cached_start(prompt, adapter), adapter=adapter)
                  for prompt, adapter in zip(prompts, adapters)]
         step = self._step(0, parts)
-        return Prefill(self._pass(step, parts, [], [], []), step, None)
+        try:
+            return Prefill(self._pass(step, parts, [], [], []), step, None)
+        except BaseException:
+            for part in parts:  # the cached starts it took: no prompt of it goes on
+                self.release(part.start)
+            raise
 
     def join_prefilled(self, prefill: Prefill, rows: list[int]) -> None:
         for index in rows:
@@ -316,13 +321,11 @@ class LlamaRunner(ModelRunner):
 
     def _place(self, parts: list[PromptPart], rows: int, fresh: list[int]) -> PassSlots:
         """Take slots for the pass's tokens: a new column for the rows (the one opened before,
-        if the step is retried), and each prompt part's, after its start's (a cached start is
-        copied into slots of its own first)."""
-        slots = PassSlots(torch.tensor([], dtype=torch.long), contexts=[])
-        written: list[int] = []
+        if the step is retried), and each prompt part's, after its start's slots."""
+        written, row_slots, row_bias, contexts = [], None, None, []
         if rows:
             self._open_column(rows)
-            slots.rows, slots.row_bias = self.table.open_column(self._opened)
+            row_slots, row_bias = self.table.open_column(self._opened)
             written += self._opened
         self._placed = []
         for part in parts:
@@ -331,10 +334,9 @@ class LlamaRunner(ModelRunner):
             fresh += new
             written += new
             self._placed.append(before + new)
-            slots.contexts.append(torch.tensor(before + new, device=self.device) if before
-                                  else None)
-        slots.written = torch.tensor(written, device=self.device)
-        return slots
+            contexts.append(torch.tensor(before + new, device=self.device) if before else None)
+        return PassSlots(torch.tensor(written, device=self.device), row_slots, row_bias,
+                         contexts)
 
     def _open_column(self, rows: int) -> None:
         """Slots for the rows' next tokens. A step retried (its pass failed) reuses those it
@@ -342,7 +344,8 @@ class LlamaRunner(ModelRunner):
         opened = self._opened or []
         if len(opened) < rows:
             opened = opened + self.pool.allocate(rows - len(opened))
-        self.pool.release(opened[rows:])
+        elif len(opened) > rows:
+            self.pool.release(opened[rows:])
         self._opened = opened[:rows]
 
     def _keep_prefix(self, tokens: list[int], slots: list[int],
