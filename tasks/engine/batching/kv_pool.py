@@ -3,11 +3,13 @@
 The padded window (kv_cache.py) held rows x the longest row's tokens, in buffers that grew by
 doubling, so its memory followed the batch's longest row rather than DAWET_KV_CACHE_TOKENS.
 Here each layer's keys and values live in one tensor of `capacity` token slots (vLLM's blocks
-with a block size of one; SGLang's token pool). A sequence owns the slots of its computed
-tokens, in no particular order; a row's slots are a row of the slot table. The scheduler
-admits a request only while the tokens all admitted ones reserve (prompt plus max_new_tokens)
-fit the capacity, so a growing sequence always finds a free slot, and a finished one frees its
-slots at once: nothing moves or widens.
+with a block size of one; SGLang's token pool). A sequence holds the slots of its computed
+tokens, in no particular order; a row's slots are a row of the slot table. The prefix cache
+(prefix_cache.py) holds the slots of the sequences it keeps, and a prompt that starts like one
+of them shares those. The scheduler admits a request only while the tokens all admitted ones
+reserve (prompt plus max_new_tokens) fit the capacity, so a growing sequence always finds a
+slot, free or evicted from the prefix cache; a finished one lets go of its slots at once:
+nothing moves or widens.
 
 Attention reads a layer's slots through a gather into a padded (rows, heads, columns, dim)
 tensor. That gather is the one transient copy: one layer's at a time, of the running rows'
