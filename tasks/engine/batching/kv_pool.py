@@ -12,9 +12,9 @@ slot, free or evicted from the prefix cache; a finished one lets go of its slots
 nothing moves or widens.
 
 Attention reads a layer's slots through a gather into a padded (rows, heads, columns, dim)
-tensor. That gather is the one transient copy: one layer's at a time, of the running rows'
-tokens (each row padded to the longest), freed before the next layer's. Padding points at
-slot 0, which holds zeros, so masked columns stay finite.
+tensor. That gather is the one copy beside the pool: one layer's at a time, of the running
+rows' tokens (each row padded to the longest), into scratch buffers every layer reuses. Padding
+points at slot 0, which holds zeros, so masked columns stay finite.
 """
 from __future__ import annotations
 
