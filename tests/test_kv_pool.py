@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import DEMO_MODEL, MODELS_FILE
+from conftest import DEMO_MODEL, MODELS_FILE, wait_until
 from model_store.loader import LoadedModel, load_model
 from model_store.registry import load_registry
 from tasks.engine.batching.engine import BatchingEngine
@@ -123,10 +123,7 @@ def test_the_usage_gauge_counts_the_slots_rows_hold(loaded):
         assert engine.stats().kv_cache_usage == (len(prompt) + 4) / 1000
         cancel.set()
         assert done.wait(10)
-        deadline = time.monotonic() + 10
-        while engine.stats().kv_cache_usage and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.stats().kv_cache_usage == 0.0
+        wait_until(lambda: engine.stats().kv_cache_usage == 0.0, 10, "the gauge at 0")
     finally:
         engine.close()
 
@@ -150,10 +147,7 @@ def test_every_way_a_request_ends_gives_its_slots_back(loaded):
         with ThreadPoolExecutor(8) as threads:
             list(threads.map(run, range(24)))
         assert engine._runner.prefixes.hit_tokens > 0 and engine.step_count > 0
-        deadline = time.monotonic() + 10
-        while engine._runner.pool.used and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine._runner.pool.used == 0
+        wait_until(lambda: not engine._runner.pool.used, 10, "every slot given back")
     finally:
         engine.close()
 
@@ -169,17 +163,12 @@ def test_a_prompt_cancelled_between_its_parts_gives_its_slots_back(loaded):
         stream = iterate(engine, row, _greedy(400))
         next(stream)
         engine.submit(long, _greedy(10), cancel, lambda step: None, lambda error: ended.set())
-        deadline = time.monotonic() + 30
-        while not any(p.start for p in engine._prefilling) and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        assert any(p.start for p in engine._prefilling)  # a part computed, more to go
+        wait_until(lambda: any(p.start for p in engine._prefilling), 30,  # more parts to go
+                   "a part of the long prompt computed", interval=0.0005)
         cancel.set()
         assert ended.wait(10)
         assert len(list(stream)) == 399  # the row ran on
-        deadline = time.monotonic() + 10
-        while engine._runner.pool.used and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine._runner.pool.used == 0
+        wait_until(lambda: not engine._runner.pool.used, 10, "every slot given back")
     finally:
         engine.close()
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import DEMO_MODEL, MODELS_FILE
+from conftest import DEMO_MODEL, MODELS_FILE, wait_until
 from model_store.loader import LoadedModel, load_model
 from model_store.registry import load_registry
 from tasks.engine.batching.engine import BatchingEngine
@@ -193,9 +193,6 @@ def test_a_full_pool_evicts_cached_prefixes_for_new_requests_whose_replies_stay_
         assert replies == alone  # they needed the cached slots, and got them
         # the cache's own budget is the pool's: only the pool's pressure evicted the history
         assert small._runner.prefixes.lookup(history + [5]) is None
-        deadline = time.monotonic() + 10
-        while small._runner.pool.used and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert small._runner.pool.used == 0
+        wait_until(lambda: not small._runner.pool.used, 10, "every slot given back")
     finally:
         small.close()
