@@ -115,14 +115,10 @@ class KVBatch:
     def keep(self, rows: list[int]) -> list[int]:
         """Keep only these rows (ascending), filling each freed slot with a row from the end.
         Returns the kept rows' old indices in their new order."""
-        kept, keeping = len(rows), set(rows)
-        holes = [i for i in range(kept) if i not in keeping]
-        movers = [i for i in rows if i >= kept]
+        kept = len(rows)
+        holes, movers, order = compaction(rows)
         if holes:
             self._move(holes, movers)
-        order = list(range(kept))
-        for hole, mover in zip(holes, movers):
-            order[hole] = mover
         self.rows = kept
         if kept == 0:
             self.start = self.end  # the buffers stay, for the next rows
@@ -166,6 +162,19 @@ class KVBatch:
         mask = torch.zeros((row_capacity, column_capacity), dtype=torch.bool, device=self.device)
         mask[:self.rows, new] = self._mask[:self.rows, old]
         self._mask, self.start, self.end = mask, new.start, new.stop
+
+
+def compaction(rows: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Keeping only `rows` (ascending) of a batch, each freed row below len(rows) taken by a
+    kept row from the end: (the freed rows, the rows that move into them, the kept rows' old
+    indices in their new order). One row moves per row that left, never the whole batch."""
+    kept, keeping = len(rows), set(rows)
+    holes = [i for i in range(kept) if i not in keeping]
+    movers = [i for i in rows if i >= kept]
+    order = list(range(kept))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return holes, movers, order
 
 
 def _buffer(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tasks.engine.batching.kv_cache import compaction
+
 PAD = 0  # the slot padding points at: zeros, never allocated
 MIN_ROWS, MIN_COLUMNS = 8, 64  # the slot table's first size; it doubles from there
 
@@ -83,9 +85,7 @@ class KVPool:
 
     def release(self, slots: list[int]) -> None:
         """A sequence lets go of its slots."""
-        gone = _let_go(self._users, slots)
-        self.used -= len(gone)
-        self._free.extend(gone[self._kept[gone] == 0].tolist())
+        self.used -= self._let_go(self._users, self._kept, slots)
 
     def cache(self, slots: list[int]) -> None:
         """A sequence the prefix cache keeps holds these slots (kept sequences may overlap)."""
@@ -93,9 +93,16 @@ class KVPool:
 
     def uncache(self, slots: list[int]) -> None:
         """A kept sequence the prefix cache evicts lets go of its slots."""
-        gone = _let_go(self._kept, slots)
-        self.cached -= len(gone)
-        self._free.extend(gone[self._users[gone] == 0].tolist())
+        self.cached -= self._let_go(self._kept, self._users, slots)
+
+    def _let_go(self, counts: np.ndarray, others: np.ndarray, slots: list[int]) -> int:
+        """One holder fewer of each slot in `counts`; a slot left with none there and none in
+        `others` is free. Returns how many slots `counts` holds no more."""
+        index = np.asarray(slots, dtype=np.int64)
+        counts[index] -= 1
+        gone = index[counts[index] == 0]
+        self._free.extend(gone[others[gone] == 0].tolist())
+        return len(gone)
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor) -> None:
@@ -131,13 +138,6 @@ def _hold(counts: np.ndarray, slots: list[int]) -> int:
     index = np.asarray(slots, dtype=np.int64)
     counts[index] += 1
     return int(np.count_nonzero(counts[index] == 1))
-
-
-def _let_go(counts: np.ndarray, slots: list[int]) -> np.ndarray:
-    """Count one holder fewer of each slot; return the slots that have none now."""
-    index = np.asarray(slots, dtype=np.int64)
-    counts[index] -= 1
-    return index[counts[index] == 0]
 
 
 @dataclass
@@ -199,11 +199,7 @@ class SlotTable:
         Returns the kept rows' old indices in their new order, and the slots of those dropped."""
         kept, keeping = len(rows), set(rows)
         dropped = [self.slots(i) for i in range(self.rows) if i not in keeping]
-        order = list(range(kept))
-        holes = [i for i in range(kept) if i not in keeping]
-        movers = [i for i in rows if i >= kept]
-        for hole, mover in zip(holes, movers):
-            order[hole] = mover
+        holes, movers, order = compaction(rows)
         if holes:
             self._table[holes] = self._table[movers]
         self._table[kept:self.rows] = PAD
