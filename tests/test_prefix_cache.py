@@ -26,19 +26,37 @@ def _pool(capacity: int = 1000) -> KVPool:
                   device=torch.device("cpu"))
 
 
-def test_a_lookup_takes_the_longest_kept_block_prefix_and_leaves_a_token_to_compute():
+def test_a_lookup_takes_the_longest_kept_prefix_to_the_token_and_leaves_one_to_compute():
     pool = _pool()
     cache = PrefixCache(capacity_tokens=1000, pool=pool)
-    kept, slots = list(range(100, 150)), pool.allocate(50)  # 50 tokens: 3 full blocks kept
+    kept, slots = list(range(100, 150)), pool.allocate(50)  # 50 tokens: 3 full blocks and 2
     cache.keep(kept, slots)
     pool.release(slots)
-    assert cache.tokens == pool.cached == pool.used + 3 * BLOCK == 3 * BLOCK  # no copy
-    hit = cache.lookup(kept[:40] + [7, 8, 9])  # shares 40 tokens: 2 blocks
-    assert hit.tokens == 2 * BLOCK and hit.slots == slots[:2 * BLOCK]
-    assert cache.lookup(kept[:48]).tokens == 2 * BLOCK  # the whole prompt would leave nothing
-    assert cache.lookup(kept[:49]).tokens == 3 * BLOCK
+    assert cache.tokens == pool.cached == pool.used + 50 == 50  # no copy
+    hit = cache.lookup(kept[:40] + [7, 8, 9])  # shares 40 tokens: 2 blocks and 8 more
+    assert hit.tokens == 40 and hit.slots == slots[:40]
+    assert cache.lookup(kept[:48]).tokens == 47  # the whole prompt would leave nothing
+    assert cache.lookup(kept + [7]).tokens == 50  # all of it, the last block's tail too
+    assert cache.lookup(kept[:20]).tokens == 19  # past the first block, within the second
+    assert cache.lookup(kept[:10] + [7] * 10) is None  # less than a block shared: no hit
     assert cache.lookup([1] + kept) is None  # a different first block: nothing shared
-    assert cache.queried_tokens == 43 + 48 + 49 + 51 and cache.hit_tokens == 7 * BLOCK
+    assert cache.queried_tokens == 43 + 48 + 51 + 20 + 20 + 51
+    assert cache.hit_tokens == 40 + 47 + 50 + 19
+
+
+def test_a_sequence_that_goes_on_where_a_kept_one_ends_is_kept_beside_it():
+    """Two sequences sharing their full blocks but not their last tokens are both kept (the
+    newer one answers lookups); one that a kept sequence starts with adds nothing."""
+    pool = _pool()
+    cache = PrefixCache(capacity_tokens=1000, pool=pool)
+    shared = list(range(100, 132))
+    first, second = shared + [1, 2], shared + [1, 3, 4]
+    cache.keep(first, pool.allocate(len(first)))
+    cache.keep(second, pool.allocate(len(second)))
+    assert cache.tokens == len(first) + len(second)
+    assert cache.lookup(second + [0]).tokens == len(second)
+    cache.keep(second[:-1], pool.allocate(len(second) - 1))  # held by `second` already
+    assert cache.tokens == len(first) + len(second)
 
 
 def test_the_least_recently_used_sequence_goes_first_when_the_budget_is_full():
@@ -102,8 +120,8 @@ def test_a_conversations_next_turn_reuses_its_history_and_replies_as_without(loa
         stats = cached.stats().prefix_cache
         assert _reply(cached, turn) == _reply(plain, turn)
         after = cached.stats().prefix_cache
-        # the history and the reply (as the row left the batch) were found, to a block
-        assert after.hit_tokens - stats.hit_tokens == (len(history) + len(reply) - 1) // BLOCK * BLOCK
+        # the history and the reply (as the row left the batch, all but its last token's KV)
+        assert after.hit_tokens - stats.hit_tokens == len(history) + len(reply) - 1
         assert plain.stats().prefix_cache is None
     finally:
         cached.close()
@@ -136,7 +154,7 @@ def test_prompts_sharing_a_start_join_a_running_batch_with_it_cached(loaded):
             thread.join(60)
         assert replies[1:] == alone[1:]
         hits = cached.stats().prefix_cache.hit_tokens
-        assert hits >= (len(prompts) - 1) * (len(shared) // BLOCK * BLOCK)
+        assert hits >= (len(prompts) - 1) * len(shared)
     finally:
         cached.close()
 
@@ -160,7 +178,7 @@ def test_a_reply_that_ended_with_eos_is_kept_aligned_with_its_tokens(loaded):
         hit = cached._runner.prefixes.lookup(sequence + [0])
     finally:
         cached.close()
-    assert hit.tokens == len(sequence) // BLOCK * BLOCK > len(history)  # the row's, kept
+    assert hit.tokens == len(sequence) > len(history)  # the row's, kept
     with torch.inference_mode():
         runner = LlamaRunner(loaded)
         runner.join_prefilled(runner.prefill([sequence]), [0])

@@ -350,7 +350,7 @@ class LlamaRunner(ModelRunner):
 
     def _keep_prefix(self, tokens: list[int], slots: list[int],
                      adapter: LoadedAdapter | None) -> None:
-        """Keep a sequence's full blocks of computed tokens in the prefix cache: its slots."""
+        """Keep a sequence's computed tokens in the prefix cache: its slots."""
         self.prefixes.keep(tokens, slots, _namespace(adapter))
 
 

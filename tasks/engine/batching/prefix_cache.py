@@ -3,17 +3,20 @@
 conversation's next turn (its history was the last turn's prompt and reply), a system prompt
 many users share, a regenerated reply.
 
-Sequences are kept whole, cut to full blocks of BLOCK tokens: a prompt once it is prefilled, a
-row once it leaves the batch (its prompt and reply). Keeping one copies nothing: the cache
-holds a reference on its slots, and a prompt that hits shares them, as vLLM's blocks are
-shared. Each block-aligned prefix of a kept sequence is indexed by a hash chained over its
-blocks, as vLLM's block hashes are, so a lookup walks the prompt's blocks and takes the
-longest prefix some kept sequence shares; the tokens are compared too, so a hash collision can
-never hand out another prefix's cache. Kept sequences are evicted least recently used first
-when the slots the cache holds would exceed its budget, and when the pool needs free slots for
-running requests (memory pressure). A sequence's KV depends on the LoRA adapter it ran with,
-so each adapter's sequences hash in a namespace of their own (vLLM adds the LoRA id to its
-block hashes alike).
+Sequences are kept whole: a prompt once it is prefilled, a row once it leaves the batch (its
+prompt and reply). Keeping one copies nothing: the cache holds a reference on its slots, and a
+prompt that hits shares them, as vLLM's blocks are shared. Each prefix of a kept sequence that
+ends at a full block of BLOCK tokens is indexed by a hash chained over its blocks, as vLLM's
+block hashes are, so a lookup walks the prompt's blocks to the longest such prefix some kept
+sequence shares, then goes on token by token while that sequence and the prompt agree (as
+SGLang's radix tree matches): a conversation's next turn shares its history and reply to the
+token, not only to the last full block before them (bench/prefix.py's turns, in the engine: a
+median of 20 tokens left to compute, against 28 to the block). The tokens are compared, so a
+hash collision can never hand out another prefix's cache. Kept sequences are evicted least
+recently used first when the slots the cache holds would exceed its budget, and when the pool
+needs free slots for running requests (memory pressure). A sequence's KV depends on the LoRA
+adapter it ran with, so each adapter's sequences hash in a namespace of their own (vLLM adds
+the LoRA id to its block hashes alike).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ class Hit:
 
 
 class PrefixCache:
-    """Kept sequences' slots by block-aligned prefix, least recently used out first."""
+    """Kept sequences' slots, indexed by block-aligned prefix, least recently used out first."""
 
     def __init__(self, capacity_tokens: int, pool: KVPool):
         self.capacity_tokens, self.pool = capacity_tokens, pool
@@ -75,19 +78,22 @@ class PrefixCache:
         kept, length = self._kept[kept_id], blocks * BLOCK
         if kept.tokens[:length] != prompt[:length] or kept.namespace != namespace:  # a collision
             return None
+        length = _agreeing(kept.tokens, prompt, length, min(len(kept.tokens), len(prompt) - 1))
         self._kept.move_to_end(kept_id)
         self.hit_tokens += length
         return Hit(length, kept.slots[:length])
 
     def keep(self, tokens: list[int], slots: list[int], namespace: int = 0) -> None:
-        """Keep a sequence's full blocks in `namespace`: its tokens and the slots of (at least)
-        their KV. The cache takes a reference on the slots; nothing is copied."""
-        length = min(len(tokens), len(slots)) // BLOCK * BLOCK
-        if length == 0 or length > self.capacity_tokens:
+        """Keep a sequence in `namespace`: its tokens and the slots of (at least) their KV; one
+        shorter than a block is not worth it. The cache takes a reference on the slots; nothing
+        is copied."""
+        length = min(len(tokens), len(slots))
+        if length < BLOCK or length > self.capacity_tokens:
             return
         digests = list(_chain(tokens[:length], namespace))
-        if digests[-1] in self._index:  # some kept sequence holds this whole prefix already
-            self._kept.move_to_end(self._index[digests[-1]][0])
+        holder = self._index.get(digests[-1])
+        if holder is not None and self._kept[holder[0]].tokens[:length] == tokens[:length]:
+            self._kept.move_to_end(holder[0])  # a kept sequence holds this whole one already
             return
         kept_id, self._next_id = self._next_id, self._next_id + 1
         self._kept[kept_id] = _Kept(tokens[:length], slots[:length], namespace)
@@ -116,6 +122,13 @@ class PrefixCache:
         for digest in _chain(kept.tokens, kept.namespace):
             if self._index.get(digest, (None,))[0] == kept_id:
                 del self._index[digest]
+
+
+def _agreeing(kept: list[int], prompt: list[int], start: int, end: int) -> int:
+    """How far from `start` (where they agree) up to `end` `kept` and `prompt` go on agreeing."""
+    while start < end and kept[start] == prompt[start]:
+        start += 1
+    return start
 
 
 def _chain(tokens: list[int], namespace: int):
